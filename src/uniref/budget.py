@@ -160,9 +160,7 @@ def min_budget_side(k: int, multiple: int) -> int:
 # --- modes ------------------------------------------------------------------------------------
 
 
-def _check_inputs(
-    originals: tuple[Size, ...], budget: int, multiple: int, weights: Sequence[float] | None
-) -> None:
+def _check_inputs(originals: tuple[Size, ...], budget: int, multiple: int, weights: Sequence[float] | None) -> None:
     if not originals:
         raise BudgetError("no images to plan: give at least one reference (K = 0)")
     if multiple <= 0:
@@ -204,8 +202,7 @@ def _global_round_sizes(originals: tuple[Size, ...], budget: int, multiple: int)
     collapsed = [i + 1 for i, s in enumerate(planned) if s.width == 0 or s.height == 0]
     if collapsed:
         raise BudgetError(
-            f"global_round collapses image(s) {collapsed} to a side of 0 at budget {budget} px; "
-            "use --mode global"
+            f"global_round collapses image(s) {collapsed} to a side of 0 at budget {budget} px; use --mode global"
         )
     return planned
 
@@ -229,8 +226,7 @@ def _global_sizes(
     shares = [x / sum(weighted) for x in weighted]
     # Caps on each image's area: its own upscale limit (if any) and the whole budget.
     caps = [
-        min(float(budget), s.area * max_upscale**2) if max_upscale is not None else float(budget)
-        for s in originals
+        min(float(budget), s.area * max_upscale**2) if max_upscale is not None else float(budget) for s in originals
     ]
 
     def sizes_at(scale: float) -> list[Size]:

@@ -66,9 +66,7 @@ def text_position_ids(length: int, start: int) -> torch.Tensor:
     return pos[:, None].expand(length, 3).clone()
 
 
-def rope_frequencies(
-    position_ids: torch.Tensor, axes_dim: Sequence[int], theta: float = ROPE_THETA
-) -> torch.Tensor:
+def rope_frequencies(position_ids: torch.Tensor, axes_dim: Sequence[int], theta: float = ROPE_THETA) -> torch.Tensor:
     """Complex rotary factors (L, sum(axes_dim)/2) for 3-axis positions (L, 3).
 
     Axis a with dim d_a uses angles ``pos_a · theta^(-2j/d_a)`` for j < d_a/2 (as ``QwenEmbedRope``).
@@ -191,9 +189,7 @@ class PackedStream:
         return [values[row, start : start + length] for row, start, length in self.spans]
 
 
-def pack_stream(
-    rows: Sequence[Sequence[int]], tensors: Sequence[torch.Tensor], pad_to: int = 1
-) -> PackedStream:
+def pack_stream(rows: Sequence[Sequence[int]], tensors: Sequence[torch.Tensor], pad_to: int = 1) -> PackedStream:
     """Lay ``tensors`` (sample i: (L_i, ...)) out in ``rows``; the row length is the longest row's,
     rounded up to ``pad_to``."""
     row_lens = [sum(tensors[i].shape[0] for i in row) for row in rows]

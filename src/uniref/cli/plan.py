@@ -56,9 +56,7 @@ def plan_command(
 ) -> None:
     """Plan the sizes of K reference images under one budget and show tokens and budget use."""
     loaded = load_images(images)
-    result = plan(
-        [image_size(im) for im in loaded], parse_budget(budget), multiple, mode, max_upscale=max_upscale
-    )
+    result = plan([image_size(im) for im in loaded], parse_budget(budget), multiple, mode, max_upscale=max_upscale)
     data = plan_json(result, images, token_pixels)
     if as_json:
         typer.echo(json.dumps(data))
@@ -77,6 +75,5 @@ def plan_command(
     console = Console()
     console.print(table)
     console.print(
-        f"total tokens {data['total_tokens']:,} of {data['token_cap']:,} "
-        f"(budget use {result.budget_use:.1%})"
+        f"total tokens {data['total_tokens']:,} of {data['token_cap']:,} (budget use {result.budget_use:.1%})"
     )
