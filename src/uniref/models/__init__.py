@@ -1,0 +1,54 @@
+"""Model registry: named flavours behind the one :class:`EditModel` protocol.
+
+``load_model("tiny")`` gives the embedded default, ``load_model("tiny-random")`` the untrained tiny
+model, and ``load_model(PATH)`` a local folder: a diffusers-format Qwen-Image-Edit-2509/2511 folder
+(its variant read from the transformer config) or a UniRef tiny checkpoint. ``load_model(
+"qwen-image-edit-2511", path=PATH)`` forces a variant.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from uniref.errors import ModelError
+from uniref.models.base import Conditioning, EditModel, LatentSpec, ScheduleSpec
+
+__all__ = ["Conditioning", "EditModel", "LatentSpec", "ScheduleSpec", "load_model", "registry"]
+
+# name -> "module:function"; modules are imported lazily so `uniref plan` never imports diffusers.
+registry: dict[str, str] = {
+    "tiny": "uniref.models.tiny:load_tiny",
+    "tiny-random": "uniref.models.tiny:load_tiny_random",
+    "qwen-image-edit-2509": "uniref.models.qwen_image:load_qwen_image_edit_2509",
+    "qwen-image-edit-2511": "uniref.models.qwen_image:load_qwen_image_edit_2511",
+}
+
+
+def _resolve(target: str) -> Callable[..., EditModel]:
+    module, func = target.split(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def load_model(name_or_path: str | Path, *, path: str | Path | None = None, **kwargs: Any) -> EditModel:
+    """Build a model by flavour name or from a local folder (see the module docstring)."""
+    name = str(name_or_path)
+    if name in registry:
+        if path is not None:
+            kwargs["path"] = path
+        return _resolve(registry[name])(**kwargs)
+    folder = Path(name)
+    if not folder.exists():
+        raise ModelError(f"model {name!r}: not a known flavour ({', '.join(registry)}) and no such folder")
+    if not folder.is_dir():
+        raise ModelError(f"model {name!r}: expected a folder (diffusers format or a UniRef checkpoint)")
+    if (folder / "model_index.json").is_file():
+        return _resolve("uniref.models.qwen_image:load_qwen_image_edit")(folder, **kwargs)
+    if (folder / "uniref_model.json").is_file():
+        return _resolve("uniref.models.tiny:load_tiny_folder")(folder, **kwargs)
+    raise ModelError(
+        f"{folder}: not a model folder: expected model_index.json (diffusers Qwen-Image-Edit) "
+        "or uniref_model.json (UniRef tiny checkpoint)"
+    )

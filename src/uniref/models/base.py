@@ -1,0 +1,119 @@
+"""The model adapter protocol: everything UniRef needs from a model, and nothing more.
+
+SELF, flow sampling, the pipeline, SFT and MSGRPO are written once against :class:`EditModel`; the
+tiny CPU model and Qwen-Image-Edit-2509/2511 implement it. An adapter:
+
+* declares its latent geometry (:class:`LatentSpec`): channels, pixels per latent cell, patch size,
+  the multiple sizes are planned to, its native budgets, and its sigma-schedule settings;
+* encodes instructions (+ the references, for models whose text encoder sees images) into
+  per-sample conditioning;
+* encodes images to normalised latents and decodes latents to images;
+* predicts the velocity ``v = ε − x_0`` of every token of a packed SELF batch at noise level σ.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+
+from uniref.budget import Size
+from uniref.sequence import PackedBatch
+
+
+@dataclass(frozen=True)
+class ScheduleSpec:
+    """Sigma-schedule settings (as diffusers' ``FlowMatchEulerDiscreteScheduler`` config).
+
+    With ``dynamic_shift`` the shift depends on the target's token count: ``mu`` is linear in it
+    between (base_seq_len, base_shift) and (max_seq_len, max_shift), and sigmas are warped by
+    ``e^mu / (e^mu + (1/σ − 1))``. ``shift_terminal`` (if set) stretches the schedule so that the
+    last sigma equals it. Defaults are Qwen-Image's scheduler config.
+    """
+
+    dynamic_shift: bool = True
+    base_seq_len: int = 256
+    max_seq_len: int = 8192
+    base_shift: float = 0.5
+    max_shift: float = 0.9
+    shift: float = 1.0  # static shift, used when dynamic_shift is False
+    shift_terminal: float | None = 0.02
+
+
+@dataclass(frozen=True)
+class LatentSpec:
+    """Latent geometry and native budgets of a model."""
+
+    latent_channels: int
+    vae_scale: int  # pixels per latent cell side
+    patch_size: int  # latent cells per token side
+    plan_multiple: int  # planned image sides are multiples of this many pixels
+    ref_budget: int  # native pixel budget for all references together (SELF)
+    target_budget: int  # native pixel budget of the output
+    centred_positions: bool = True  # diffusers' scale_rope
+    schedule: ScheduleSpec = field(default_factory=ScheduleSpec)
+
+    @property
+    def token_pixels(self) -> int:
+        return self.vae_scale * self.patch_size
+
+
+@dataclass
+class Conditioning:
+    """Per-sample conditioning from the text (or vision-language) encoder."""
+
+    txt: list[torch.Tensor]  # per sample: (L_txt_i, D_txt)
+
+    def __len__(self) -> int:
+        return len(self.txt)
+
+    def select(self, indices: Sequence[int]) -> Conditioning:
+        return Conditioning([self.txt[i] for i in indices])
+
+
+class EditModel(ABC):
+    """A multi-reference editing model behind one interface (see the module docstring)."""
+
+    name: str
+    spec: LatentSpec
+    #: True for Qwen-Image-Edit-2511: reference tokens are modulated with timestep 0.
+    zero_cond_t: bool = False
+
+    @property
+    @abstractmethod
+    def device(self) -> torch.device: ...
+
+    @property
+    @abstractmethod
+    def dtype(self) -> torch.dtype: ...
+
+    @abstractmethod
+    def encode_condition(
+        self,
+        instructions: Sequence[str],
+        refs: Sequence[Sequence[Image.Image]],
+        ref_sizes: Sequence[Sequence[Size]],
+    ) -> Conditioning:
+        """Encode each sample's instruction; ``refs`` are the original RGB references and
+        ``ref_sizes`` their planned SELF sizes, for encoders that also look at the images."""
+
+    @abstractmethod
+    def encode_images(self, images: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Images (3, H, W) in [-1, 1] -> normalised latents (C, H/vae_scale, W/vae_scale)."""
+
+    @abstractmethod
+    def decode_latents(self, latents: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Normalised latents (C, h, w) -> images (3, h·vae_scale, w·vae_scale) in [-1, 1]."""
+
+    @abstractmethod
+    def velocity(self, batch: PackedBatch, cond: Conditioning, sigma: torch.Tensor) -> torch.Tensor:
+        """Velocity for every token of ``batch`` (R, C, D), given each sample's σ (B,).
+
+        Only target tokens are used by callers (``batch.target_tokens(v)``)."""
+
+    @abstractmethod
+    def denoiser(self) -> torch.nn.Module:
+        """The trainable network (SFT, MSGRPO and LoRA wrap this module)."""
