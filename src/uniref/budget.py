@@ -139,9 +139,12 @@ def plan_target(
     *,
     size: Size | None = None,
     like: Size | None = None,
+    mode: PlanMode | str = PlanMode.GLOBAL,
 ) -> Size:
     """The output size: an explicit ``size`` rounded down to ``multiple``, or, from the aspect of
-    ``like`` (usually a reference), the best size under ``budget`` (never above it)."""
+    ``like`` (usually a reference), the best size under ``budget`` (never above it). With
+    ``mode="per_image"`` a size from ``like`` is diffusers' ``calculate_dimensions`` (may exceed
+    the budget by the rounding)."""
     if size is not None:
         if size.width < multiple or size.height < multiple:
             raise BudgetError(f"output size {size}: each side must be at least {multiple} px")
@@ -149,6 +152,8 @@ def plan_target(
     if like is None:
         side = max(multiple, math.isqrt(budget) // multiple * multiple)
         return Size(side, side)
+    if PlanMode(mode) is PlanMode.PER_IMAGE:
+        return _per_image_size(like, budget, multiple)
     return plan([like], budget, multiple, PlanMode.GLOBAL).sizes[0]
 
 

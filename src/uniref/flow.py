@@ -68,7 +68,9 @@ def sigmas(num_steps: int, image_seq_len: int, spec: ScheduleSpec | None = None)
     return torch.cat([sigma, sigma.new_zeros(1)])
 
 
-def euler_step(x: torch.Tensor, v: torch.Tensor, sigma: float | torch.Tensor, sigma_next: float | torch.Tensor):
+def euler_step(
+    x: torch.Tensor, v: torch.Tensor, sigma: float | torch.Tensor, sigma_next: float | torch.Tensor
+) -> torch.Tensor:
     """One ODE step of dx/dσ = v: ``x_next = x + (σ_next − σ)·v`` (σ_next < σ, so this removes noise).
 
     Computed in float32 at least (as diffusers upcasts), returned in ``v``'s dtype.

@@ -1,0 +1,311 @@
+"""EditPipeline: instruction + K references -> edited image, for any :class:`EditModel`.
+
+One call serves a batch of requests with different K and sizes:
+
+1. plan sizes (``uniref.budget``): references under one budget (``global``, SELF) or each under its
+   own (``per_image``, diffusers); the target under its own budget, from ``size`` or the aspect of
+   the last reference;
+2. encode each instruction (+ references) and, for true CFG, each negative prompt;
+3. VAE-encode the resized references; draw each sample's noise from its own seed, in the element
+   order of diffusers' ``randn_tensor((1, 1, C, h, w))`` so a seed means the same noise in both;
+4. build one SELF sequence per sample, pack them into rows (``pack_sequences``) and integrate the
+   flow ODE with Euler steps on each sample's own sigma schedule (it depends on its token count);
+5. decode the target latents.
+
+Request ``i`` of a batch given ``seed=s`` uses seed ``s + i``, so it equals the request run alone
+with that seed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from uniref import flow
+from uniref.budget import Plan, PlanMode, Size, parse_budget, plan, plan_target
+from uniref.images import image_size, resize, to_pil, to_tensor
+from uniref.models import load_model
+from uniref.models.base import Conditioning, EditModel
+from uniref.sequence import PackedBatch, SelfSequence, build_sequence, pack_sequences
+
+DEFAULT_STEPS = 28
+# Qwen-Image-Edit's recommended true-CFG scale (its model card uses 4.0); 1.0 disables guidance.
+DEFAULT_GUIDANCE = 4.0
+# Qwen-Image's examples use a single space as the negative prompt.
+DEFAULT_NEGATIVE = " "
+
+
+@dataclass
+class Timings:
+    """Wall seconds of each stage of the last call (``load`` is from ``from_pretrained``)."""
+
+    load: float = 0.0
+    encode: float = 0.0
+    denoise: float = 0.0
+    decode: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return self.load + self.encode + self.denoise + self.decode
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "load": self.load,
+            "encode": self.encode,
+            "denoise": self.denoise,
+            "decode": self.decode,
+            "total": self.total,
+        }
+
+
+@dataclass
+class EditResult:
+    """Everything one call produced, per request."""
+
+    images: list[Image.Image]
+    latents: list[torch.Tensor]  # per request: final target latent (C, h, w)
+    ref_plans: list[Plan]
+    target_sizes: list[Size]
+    sigmas: list[torch.Tensor]  # per request: the (steps + 1,) schedule used
+    timings: Timings = field(default_factory=Timings)
+
+
+class EditPipeline:
+    """Multi-reference editing with any :class:`EditModel` (see the module docstring)."""
+
+    def __init__(self, model: EditModel, *, load_seconds: float = 0.0) -> None:
+        self.model = model
+        self.load_seconds = load_seconds
+        self.last_result: EditResult | None = None
+        self.last_packing: list[list[int]] = []  # sample indices per packed row of the last call
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path = "tiny", **kwargs: Any) -> EditPipeline:
+        """A pipeline over ``uniref.models.load_model(name_or_path, **kwargs)``."""
+        start = time.perf_counter()
+        model = load_model(name_or_path, **kwargs)
+        return cls(model, load_seconds=time.perf_counter() - start)
+
+    @property
+    def last_timings(self) -> Timings | None:
+        return None if self.last_result is None else self.last_result.timings
+
+    @property
+    def last_latents(self) -> list[torch.Tensor] | None:
+        return None if self.last_result is None else self.last_result.latents
+
+    def plan_sizes(
+        self,
+        refs: Sequence[Image.Image],
+        *,
+        size: Size | None = None,
+        budget: int | str | None = None,
+        target_budget: int | str | None = None,
+        mode: PlanMode | str = PlanMode.GLOBAL,
+    ) -> tuple[Plan, Size]:
+        """Reference plan and target size of one request (the only sizes the pipeline uses)."""
+        spec = self.model.spec
+        ref_budget = parse_budget(budget) if budget is not None else spec.ref_budget
+        out_budget = parse_budget(target_budget) if target_budget is not None else spec.target_budget
+        ref_plan = plan([image_size(r) for r in refs], ref_budget, spec.plan_multiple, mode)
+        like = image_size(refs[-1])  # diffusers takes the output aspect from the last image
+        target = plan_target(out_budget, spec.plan_multiple, size=size, like=like, mode=mode)
+        return ref_plan, target
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        instruction: str | Sequence[str],
+        refs: Sequence[Image.Image] | Sequence[Sequence[Image.Image]],
+        size: Size | Sequence[Size | None] | None = None,
+        *,
+        steps: int = DEFAULT_STEPS,
+        guidance: float = DEFAULT_GUIDANCE,
+        negative: str | Sequence[str] | None = None,
+        seed: int | Sequence[int] = 0,
+        budget: int | str | None = None,
+        target_budget: int | str | None = None,
+        mode: PlanMode | str = PlanMode.GLOBAL,
+        progress: bool = True,
+    ) -> list[Image.Image]:
+        """Edit one request (``instruction: str``, ``refs: [img, ...]``) or a batch (lists of
+        both, plus optionally per-request ``size``, ``negative`` and ``seed``). Returns one image per
+        request; latents, plans and timings of the call are in :attr:`last_result`."""
+        return self.generate(
+            instruction,
+            refs,
+            size,
+            steps=steps,
+            guidance=guidance,
+            negative=negative,
+            seed=seed,
+            budget=budget,
+            target_budget=target_budget,
+            mode=mode,
+            progress=progress,
+        ).images
+
+    @torch.no_grad()
+    def generate(
+        self,
+        instruction: str | Sequence[str],
+        refs: Sequence[Image.Image] | Sequence[Sequence[Image.Image]],
+        size: Size | Sequence[Size | None] | None = None,
+        *,
+        steps: int = DEFAULT_STEPS,
+        guidance: float = DEFAULT_GUIDANCE,
+        negative: str | Sequence[str] | None = None,
+        seed: int | Sequence[int] = 0,
+        budget: int | str | None = None,
+        target_budget: int | str | None = None,
+        mode: PlanMode | str = PlanMode.GLOBAL,
+        progress: bool = True,
+        decode: bool = True,
+        capacity: int | None = None,
+    ) -> EditResult:
+        """As ``__call__``, returning the full :class:`EditResult` (``decode=False`` skips the VAE;
+        ``capacity`` is the packed row length in tokens, default the longest sample)."""
+        instructions, ref_lists, sizes, negatives, seeds = _normalise_batch(instruction, refs, size, negative, seed)
+        model = self.model
+        timings = Timings(load=self.load_seconds)
+        do_cfg = guidance > 1.0
+
+        start = time.perf_counter()
+        planned = [
+            self.plan_sizes(r, size=s, budget=budget, target_budget=target_budget, mode=mode)
+            for r, s in zip(ref_lists, sizes, strict=True)
+        ]
+        ref_plans = [p for p, _ in planned]
+        targets = [t for _, t in planned]
+        ref_sizes = [list(p.sizes) for p in ref_plans]
+        cond = model.encode_condition(instructions, ref_lists, ref_sizes)
+        neg_cond = model.encode_condition(negatives, ref_lists, ref_sizes) if do_cfg else None
+        ref_latents = self._encode_refs(ref_lists, ref_sizes)
+        sequences = [
+            build_sequence(
+                self._noise(target, s),
+                lats,
+                model.spec.patch_size,
+                model.spec.centred_positions,
+            )
+            for target, s, lats in zip(targets, seeds, ref_latents, strict=True)
+        ]
+        timings.encode = time.perf_counter() - start
+
+        start = time.perf_counter()
+        schedules = [flow.sigmas(steps, seq.num_target_tokens, model.spec.schedule) for seq in sequences]
+        final = self._denoise(sequences, cond, neg_cond, schedules, guidance, progress, capacity)
+        latents = [seq.target_latent(x) for seq, x in zip(sequences, final, strict=True)]  # each (C, h, w)
+        timings.denoise = time.perf_counter() - start
+
+        images: list[Image.Image] = []
+        if decode:
+            start = time.perf_counter()
+            images = [to_pil(img) for img in model.decode_latents(latents)]
+            timings.decode = time.perf_counter() - start
+        self.last_result = EditResult(images, latents, ref_plans, targets, schedules, timings)
+        return self.last_result
+
+    # --- stages -------------------------------------------------------------------------------
+
+    def _encode_refs(
+        self, ref_lists: Sequence[Sequence[Image.Image]], ref_sizes: Sequence[Sequence[Size]]
+    ) -> list[list[torch.Tensor]]:
+        """Resize every reference to its planned size and encode all of them in one adapter call."""
+        flat = [
+            to_tensor(resize(img, s)).to(self.model.device, self.model.dtype)
+            for imgs, sizes in zip(ref_lists, ref_sizes, strict=True)
+            for img, s in zip(imgs, sizes, strict=True)
+        ]
+        encoded = iter(self.model.encode_images(flat))
+        return [[next(encoded) for _ in imgs] for imgs in ref_lists]
+
+    def _noise(self, target: Size, seed: int) -> torch.Tensor:
+        """(C, h, w) noise for a target, drawn on the CPU as diffusers' randn_tensor((1, 1, C, h, w))."""
+        spec = self.model.spec
+        shape = (1, 1, spec.latent_channels, target.height // spec.vae_scale, target.width // spec.vae_scale)
+        gen = torch.Generator().manual_seed(seed)
+        noise = torch.randn(shape, generator=gen, dtype=self.model.dtype)
+        return noise[0, 0].to(self.model.device)
+
+    def _denoise(
+        self,
+        sequences: list[SelfSequence],
+        cond: Conditioning,
+        neg_cond: Conditioning | None,
+        schedules: list[torch.Tensor],
+        guidance: float,
+        progress: bool,
+        capacity: int | None,
+    ) -> list[torch.Tensor]:
+        """Euler-integrate every sample's target tokens; references stay clean. Returns per sample
+        the final target tokens (L_target_i, D)."""
+        txt_lens = [max(c.shape[0] for c in pair) for pair in zip(cond.txt, (neg_cond or cond).txt, strict=True)]
+        batch = pack_sequences(sequences, capacity, extra_lengths=txt_lens)
+        self.last_packing = batch.rows
+        xs = [seq.tokens[: seq.num_target_tokens].clone() for seq in sequences]  # each (L_t, D)
+        device = self.model.device
+        steps = len(schedules[0]) - 1
+        for i in tqdm(range(steps), desc="denoise", disable=not progress, leave=False):
+            _write_targets(batch, xs)
+            sigma = torch.stack([s[i] for s in schedules]).to(device, torch.float32)  # (B,)
+            v = batch.target_tokens(self.model.velocity(batch, cond, sigma))
+            if neg_cond is not None:
+                v_neg = batch.target_tokens(self.model.velocity(batch, neg_cond, sigma))
+                v = [flow.true_cfg(c, u, guidance) for c, u in zip(v, v_neg, strict=True)]
+            xs = [
+                flow.euler_step(x, vi, s[i].float(), s[i + 1].float())
+                for x, vi, s in zip(xs, v, schedules, strict=True)
+            ]
+        return xs
+
+
+def _write_targets(batch: PackedBatch, xs: Sequence[torch.Tensor]) -> None:
+    """Put each sample's current target tokens into its span of the packed token rows."""
+    values = batch.tokens.values  # (R, C, D)
+    for x, (row, start, _) in zip(xs, batch.tokens.spans, strict=True):
+        values[row, start : start + x.shape[0]] = x.to(values.dtype)
+
+
+def _normalise_batch(
+    instruction: str | Sequence[str],
+    refs: Sequence[Image.Image] | Sequence[Sequence[Image.Image]],
+    size: Size | Sequence[Size | None] | None,
+    negative: str | Sequence[str] | None,
+    seed: int | Sequence[int],
+) -> tuple[list[str], list[list[Image.Image]], list[Size | None], list[str], list[int]]:
+    """One request or a batch -> per-request lists (see ``EditPipeline.__call__``)."""
+    if isinstance(instruction, str):
+        if not refs or not all(isinstance(r, Image.Image) for r in refs):
+            raise ValueError("a single instruction takes a list of PIL reference images (K >= 1)")
+        instructions, ref_lists = [instruction], [list(refs)]  # type: ignore[arg-type]
+    else:
+        instructions = list(instruction)
+        ref_lists = [list(r) for r in refs]  # type: ignore[arg-type]
+        if len(ref_lists) != len(instructions):
+            raise ValueError(f"{len(instructions)} instructions but {len(ref_lists)} reference lists")
+        if not instructions:
+            raise ValueError("empty batch: give at least one instruction")
+        if any(not r for r in ref_lists):
+            raise ValueError("every request needs at least one reference image (K >= 1)")
+    n = len(instructions)
+    sizes = _per_request(size, n, "size", single=Size)
+    negatives = _per_request(negative if negative is not None else DEFAULT_NEGATIVE, n, "negative", single=str)
+    seeds = list(range(seed, seed + n)) if isinstance(seed, int) else _per_request(seed, n, "seed", single=int)
+    return instructions, ref_lists, sizes, negatives, seeds
+
+
+def _per_request(value: Any, n: int, name: str, *, single: type) -> list[Any]:
+    if value is None or isinstance(value, single):
+        return [value] * n
+    values = list(value)
+    if len(values) != n:
+        raise ValueError(f"{len(values)} values of {name} for {n} requests")
+    return values
