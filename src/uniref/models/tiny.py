@@ -1,0 +1,444 @@
+"""The ``tiny`` flavour: a few-million-parameter MMDiT in the Qwen-Image style, trained on CPU.
+
+* **Codec**: exact pixel-unshuffle (×4): an image (3, H, W) in [-1, 1] is the latent
+  (48, H/4, W/4), and 2×2 patches make 8×8-pixel tokens of 192 values. Chosen over a trained
+  autoencoder because it is lossless (the scene world's fine patterns survive), costs nothing, and
+  leaves the whole CPU budget to the denoiser. The token (192 values) is no wider than the
+  model (192) and the network predicts x̂_0 (DESIGN §7: both matter in pixel space).
+* **Text**: a word-level encoder over the scene grammar's vocabulary (2 transformer layers). Words
+  outside it become ``<unk>`` with a warning that names them: users type free text.
+* **Denoiser**: dual-stream joint-attention blocks (separate text/image weights, one attention over
+  both, adaLN modulation, QK-RMSNorm), 3-axis RoPE on (frame, row, col) exactly as the SELF
+  sequence defines it, plus an image-index embedding and Fourier features of per-image normalised
+  coordinates (DESIGN §7: these make placement and background transfer easy). Reference tokens are
+  modulated with timestep 0 (2511's ``zero_cond_t``): they are clean.
+* **Prediction**: the network predicts the clean tokens x̂_0 and reports the velocity
+  ``v = (x_t − x̂_0) / σ`` through the protocol (DESIGN §7: x̂_0 learns far faster in pixel space).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from uniref.budget import Size
+from uniref.errors import ModelError
+from uniref.images import atomic_path
+from uniref.models.base import Conditioning, EditModel, LatentSpec, ScheduleSpec
+from uniref.sequence import (
+    PAD,
+    REFERENCE,
+    PackedBatch,
+    attention_mask,
+    pack_stream,
+    rope_frequencies,
+    text_position_ids,
+    text_position_start,
+)
+
+# Where the trained embedded default lives inside the package.
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny"
+CONFIG_FILE = "uniref_model.json"
+WEIGHTS_FILE = "model.safetensors"
+# σ below this is treated as this when converting x̂_0 to a velocity (the sampler never asks at 0).
+MIN_SIGMA = 1e-4
+# Timesteps are embedded as σ·1000, the scale diffusers' Qwen-Image transformer uses.
+TIMESTEP_SCALE = 1000.0
+SPECIAL_WORDS = ("<pad>", "<unk>")
+PAD_ID, UNK_ID = 0, 1
+
+
+def _default_vocabulary() -> list[str]:
+    from uniref.data.vocab import VOCABULARY
+
+    return list(VOCABULARY)
+
+
+@dataclass(frozen=True)
+class TinyConfig:
+    """Architecture of the tiny flavour (stored beside its weights in ``uniref_model.json``)."""
+
+    vocabulary: tuple[str, ...] = ()  # empty: the scene grammar's vocabulary
+    width: int = 192
+    depth: int = 6
+    heads: int = 6
+    mlp_ratio: float = 3.0
+    text_layers: int = 2
+    max_text_len: int = 96
+    unshuffle: int = 4  # codec: pixels per latent cell side
+    patch: int = 2  # latent cells per token side
+    rope_axes: tuple[int, int, int] = (8, 12, 12)  # frame/row/col dims; sums to head dim
+    max_frames: int = 16  # images per sample (target + references)
+    coord_freqs: int = 8  # Fourier frequencies of the normalised coordinates
+    ref_budget: int = 64 * 64  # stage-1 budget of the paper's 1024² analogue
+    target_budget: int = 64 * 64
+    plan_multiple: int = 8  # one token: unshuffle × patch
+    schedule: dict[str, Any] = field(default_factory=lambda: {"dynamic_shift": False, "shift_terminal": None})
+
+    @property
+    def token_dim(self) -> int:
+        return 3 * (self.unshuffle * self.patch) ** 2
+
+    def spec(self) -> LatentSpec:
+        return LatentSpec(
+            latent_channels=3 * self.unshuffle**2,
+            vae_scale=self.unshuffle,
+            patch_size=self.patch,
+            plan_multiple=self.plan_multiple,
+            ref_budget=self.ref_budget,
+            target_budget=self.target_budget,
+            schedule=ScheduleSpec(**self.schedule),
+        )
+
+
+class WordTokenizer:
+    """Lower-case word tokens over a fixed vocabulary; unknown words map to ``<unk>``."""
+
+    def __init__(self, words: Sequence[str]) -> None:
+        self.words = list(SPECIAL_WORDS) + [w for w in words if w not in SPECIAL_WORDS]
+        self.ids = {w: i for i, w in enumerate(self.words)}
+
+    def __len__(self) -> int:
+        return len(self.words)
+
+    @staticmethod
+    def split(text: str) -> list[str]:
+        return re.findall(r"[a-z]+|\d+", text.lower())
+
+    def encode(self, text: str, max_len: int) -> tuple[list[int], list[str]]:
+        """Token ids (at least one, at most ``max_len``) and the words that were unknown."""
+        words = self.split(text)[:max_len]
+        unknown = [w for w in words if w not in self.ids]
+        ids = [self.ids.get(w, UNK_ID) for w in words] or [PAD_ID]
+        return ids, unknown
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, eps=1e-6)
+
+
+def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs of channels: x (R, H, L, D) real, freqs (R, L, D/2) complex."""
+    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(xc * freqs[:, None]).flatten(-2).type_as(x)
+
+
+class Stream(nn.Module):
+    """One modality's weights inside a joint block."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float) -> None:
+        super().__init__()
+        head_dim = width // heads
+        self.modulation = nn.Linear(width, 6 * width)
+        self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.q_norm, self.k_norm = RMSNorm(head_dim), RMSNorm(head_dim)
+        self.out = nn.Linear(width, width)
+        self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        hidden = int(width * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width))
+        self.heads = heads
+        nn.init.zeros_(self.modulation.weight)
+        nn.init.zeros_(self.modulation.bias)
+
+    def qkv_heads(self, x: torch.Tensor, mod: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        shift, scale = mod[..., 0], mod[..., 1]
+        h = self.norm1(x) * (1 + scale) + shift
+        q, k, v = self.qkv(h).unflatten(-1, (3, self.heads, -1)).unbind(-3)  # each (R, L, H, Dh)
+        return self.q_norm(q).transpose(1, 2), self.k_norm(k).transpose(1, 2), v.transpose(1, 2)
+
+    def finish(self, x: torch.Tensor, attn: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
+        gate1, shift2, scale2, gate2 = mod[..., 2], mod[..., 3], mod[..., 4], mod[..., 5]
+        x = x + gate1 * self.out(attn)
+        return x + gate2 * self.mlp(self.norm2(x) * (1 + scale2) + shift2)
+
+
+class JointBlock(nn.Module):
+    """MMDiT block: per-modality modulation and weights, one attention over text + image."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float) -> None:
+        super().__init__()
+        self.img = Stream(width, heads, mlp_ratio)
+        self.txt = Stream(width, heads, mlp_ratio)
+
+    def forward(
+        self,
+        img: torch.Tensor,  # (R, Li, W)
+        txt: torch.Tensor,  # (R, Lt, W)
+        img_temb: torch.Tensor,  # (R, Li, W): per-token timestep embedding
+        txt_temb: torch.Tensor,  # (R, Lt, W)
+        rope: torch.Tensor,  # (R, Lt + Li, Dh/2) complex
+        mask: torch.Tensor,  # (R, 1, L, L) bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        img_mod = self.img.modulation(F.silu(img_temb)).unflatten(-1, (-1, 6))  # (R, Li, W, 6)
+        txt_mod = self.txt.modulation(F.silu(txt_temb)).unflatten(-1, (-1, 6))
+        qi, ki, vi = self.img.qkv_heads(img, img_mod)
+        qt, kt, vt = self.txt.qkv_heads(txt, txt_mod)
+        q = apply_rope(torch.cat([qt, qi], dim=2), rope)
+        k = apply_rope(torch.cat([kt, ki], dim=2), rope)
+        v = torch.cat([vt, vi], dim=2)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (R, H, L, Dh)
+        out = out.transpose(1, 2).flatten(2)  # (R, L, W)
+        n_txt = txt.shape[1]
+        return self.img.finish(img, out[:, n_txt:], img_mod), self.txt.finish(txt, out[:, :n_txt], txt_mod)
+
+
+def timestep_embedding(sigma: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding of σ·1000 (B,) -> (B, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) / half)
+    args = sigma.float()[:, None] * TIMESTEP_SCALE * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class TinyMMDiT(nn.Module):
+    """Text encoder + joint-attention denoiser, trained together (nothing is frozen at this size)."""
+
+    def __init__(self, config: TinyConfig, vocab_size: int) -> None:
+        super().__init__()
+        w = config.width
+        self.config = config
+        self.word_embed = nn.Embedding(vocab_size, w, padding_idx=PAD_ID)
+        self.word_pos = nn.Embedding(config.max_text_len, w)
+        layer = nn.TransformerEncoderLayer(
+            w, config.heads, int(w * config.mlp_ratio), dropout=0.0, batch_first=True, norm_first=True
+        )
+        self.text_encoder = nn.TransformerEncoder(layer, config.text_layers, enable_nested_tensor=False)
+        self.text_norm = nn.LayerNorm(w)
+        self.img_in = nn.Linear(config.token_dim, w)
+        self.txt_in = nn.Linear(w, w)
+        self.frame_embed = nn.Embedding(config.max_frames, w)
+        self.coord_in = nn.Linear(4 * config.coord_freqs, w)
+        self.time_embed = nn.Sequential(nn.Linear(w, w), nn.SiLU(), nn.Linear(w, w))
+        self.blocks = nn.ModuleList(JointBlock(w, config.heads, config.mlp_ratio) for _ in range(config.depth))
+        self.out_norm = nn.LayerNorm(w, elementwise_affine=False, eps=1e-6)
+        self.out_mod = nn.Linear(w, 2 * w)
+        self.out = nn.Linear(w, config.token_dim)
+        nn.init.zeros_(self.out_mod.weight)
+        nn.init.zeros_(self.out_mod.bias)
+
+    def encode_text(self, ids: list[list[int]]) -> list[torch.Tensor]:
+        """Word ids per sample -> (L_i, W) hidden states (padding removed)."""
+        device = self.word_embed.weight.device
+        longest = max(len(x) for x in ids)
+        padded = torch.full((len(ids), longest), PAD_ID, dtype=torch.long, device=device)
+        for i, x in enumerate(ids):
+            padded[i, : len(x)] = torch.tensor(x, device=device)
+        pad_mask = padded == PAD_ID
+        pad_mask[:, 0] = False  # an all-padding prompt still keeps one (PAD) token
+        h = self.word_embed(padded) + self.word_pos(torch.arange(longest, device=device))[None]
+        h = self.text_norm(self.text_encoder(h, src_key_padding_mask=pad_mask))
+        return [h[i, : max(1, len(x))] for i, x in enumerate(ids)]
+
+    def forward(
+        self,
+        x_t: torch.Tensor,  # (R, Li, token_dim) packed SELF tokens
+        position_ids: torch.Tensor,  # (R, Li, 3)
+        coords: torch.Tensor,  # (R, Li, 2) per-image normalised coordinates in [-1, 1]
+        token_type: torch.Tensor,  # (R, Li)
+        img_ids: torch.Tensor,  # (R, Li) sample index or PAD
+        txt: torch.Tensor,  # (R, Lt, W) packed text states
+        txt_pos: torch.Tensor,  # (R, Lt, 3)
+        txt_ids: torch.Tensor,  # (R, Lt) sample index or PAD
+        sigma: torch.Tensor,  # (B,)
+    ) -> torch.Tensor:
+        """Predicted clean tokens x̂_0 (R, Li, token_dim)."""
+        cfg = self.config
+        frames = position_ids[..., 0].clamp(0, cfg.max_frames - 1)
+        img = self.img_in(x_t) + self.frame_embed(frames) + self.coord_in(_fourier(coords, cfg.coord_freqs))
+        txt_h = self.txt_in(txt)
+        # Per-sample embeddings of σ and of 0 (clean references), gathered per token; row B is padding.
+        temb = self.time_embed(timestep_embedding(torch.cat([sigma, sigma.new_zeros(1)]), cfg.width))
+        zero = self.time_embed(timestep_embedding(sigma.new_zeros(1), cfg.width))
+        safe_img = torch.where(img_ids == PAD, sigma.shape[0], img_ids)
+        img_temb = torch.where((token_type == REFERENCE)[..., None], zero, temb[safe_img])
+        txt_temb = temb[torch.where(txt_ids == PAD, sigma.shape[0], txt_ids)]
+        rope = rope_frequencies(torch.cat([txt_pos, position_ids], dim=1).flatten(0, 1), cfg.rope_axes)
+        rope = rope.view(x_t.shape[0], -1, rope.shape[-1])
+        mask = attention_mask(txt_ids, img_ids)
+        for block in self.blocks:
+            img, txt_h = block(img, txt_h, img_temb, txt_temb, rope, mask)
+        shift, scale = self.out_mod(F.silu(img_temb)).chunk(2, dim=-1)
+        return self.out(self.out_norm(img) * (1 + scale) + shift)
+
+
+def _fourier(coords: torch.Tensor, n: int) -> torch.Tensor:
+    freqs = math.pi * 2.0 ** torch.arange(n, dtype=coords.dtype, device=coords.device)
+    angles = coords[..., None] * freqs  # (..., 2, n)
+    return torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(-2)
+
+
+def normalised_coords(grids: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """(Σ h·w, 2) token-centre coordinates in [-1, 1] within each image, row-major per image."""
+    parts = []
+    for h, w in grids:
+        rows = (torch.arange(h) + 0.5) / h * 2 - 1
+        cols = (torch.arange(w) + 0.5) / w * 2 - 1
+        rr, cc = torch.meshgrid(rows, cols, indexing="ij")
+        parts.append(torch.stack([rr, cc], dim=-1).reshape(-1, 2))
+    return torch.cat(parts)
+
+
+class TinyModel(EditModel):
+    """The tiny flavour behind the :class:`EditModel` protocol."""
+
+    def __init__(self, config: TinyConfig, net: TinyMMDiT, tokenizer: WordTokenizer, name: str = "tiny") -> None:
+        self.config = config
+        self.net = net
+        self.tokenizer = tokenizer
+        self.name = name
+        self.spec = config.spec()
+        self.zero_cond_t = True
+
+    @property
+    def device(self) -> torch.device:
+        return self.net.img_in.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.net.img_in.weight.dtype
+
+    def denoiser(self) -> nn.Module:
+        return self.net
+
+    def encode_condition(
+        self,
+        instructions: Sequence[str],
+        refs: Sequence[Sequence[Image.Image]],
+        ref_sizes: Sequence[Sequence[Size]],
+    ) -> Conditioning:
+        ids = []
+        unknown: dict[str, None] = {}  # ordered set: each unknown word named once
+        for text in instructions:
+            token_ids, missing = self.tokenizer.encode(text, self.config.max_text_len)
+            ids.append(token_ids)
+            unknown.update(dict.fromkeys(missing))
+        if unknown:
+            warnings.warn(
+                f"tiny model: words outside its vocabulary are ignored (read as <unk>): {', '.join(unknown)}",
+                stacklevel=2,
+            )
+        return Conditioning(self.net.encode_text(ids))
+
+    def encode_images(self, images: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        r = self.config.unshuffle
+        return [F.pixel_unshuffle(img.to(self.device, self.dtype)[None], r)[0] for img in images]
+
+    def decode_latents(self, latents: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        r = self.config.unshuffle
+        return [F.pixel_shuffle(lat[None], r)[0] for lat in latents]
+
+    def predict_x0(self, batch: PackedBatch, cond: Conditioning, sigma: torch.Tensor) -> torch.Tensor:
+        """Predicted clean tokens for every token of ``batch`` (R, C, D)."""
+        device = self.device
+        coords = batch.pack_like([normalised_coords(s.grids) for s in batch.sequences])
+        txt_packed = pack_stream(batch.rows, [t.to(device) for t in cond.txt])
+        txt_pos = pack_stream(
+            batch.rows,
+            [
+                text_position_ids(t.shape[0], text_position_start(s.grids))
+                for t, s in zip(cond.txt, batch.sequences, strict=True)
+            ],
+        ).values
+        return self.net(
+            batch.tokens.values.to(device, self.dtype),
+            batch.position_ids.to(device),
+            coords.to(device, self.dtype),
+            batch.token_type.to(device),
+            batch.sample_ids.to(device),
+            txt_packed.values,
+            txt_pos.to(device),
+            txt_packed.sample_ids.to(device),
+            sigma.to(device, self.dtype),
+        )
+
+    def velocity(self, batch: PackedBatch, cond: Conditioning, sigma: torch.Tensor) -> torch.Tensor:
+        x0_hat = self.predict_x0(batch, cond, sigma)
+        ids = batch.sample_ids.to(self.device)
+        sig = torch.cat([sigma.to(self.device, self.dtype), sigma.new_ones(1).to(self.device, self.dtype)])
+        per_token = sig[torch.where(ids == PAD, sigma.shape[0], ids)].clamp_min(MIN_SIGMA)[..., None]
+        return (batch.tokens.values.to(self.device, self.dtype) - x0_hat) / per_token
+
+    # --- persistence ---------------------------------------------------------------------------
+
+    def save(self, folder: str | Path) -> Path:
+        """Write ``uniref_model.json`` + ``model.safetensors`` atomically into ``folder``."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        meta = {"flavour": "tiny", "config": asdict(self.config), "vocabulary": self.tokenizer.words}
+        state = {k: v.detach().contiguous().cpu() for k, v in self.net.state_dict().items()}
+        with atomic_path(folder / WEIGHTS_FILE) as tmp:
+            save_file(state, str(tmp))
+        with atomic_path(folder / CONFIG_FILE) as tmp:
+            tmp.write_text(json.dumps(meta, indent=1))
+        return folder
+
+
+def build_tiny(config: TinyConfig | None = None, seed: int = 0, name: str = "tiny-random") -> TinyModel:
+    """A randomly initialised tiny model (deterministic for ``seed``)."""
+    config = config or TinyConfig()
+    words = list(config.vocabulary) or _default_vocabulary()
+    config = TinyConfig(**{**asdict(config), "vocabulary": tuple(words)})
+    tokenizer = WordTokenizer(words)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = TinyMMDiT(config, len(tokenizer))
+    net.eval()
+    return TinyModel(config, net, tokenizer, name=name)
+
+
+def load_tiny_folder(folder: str | Path, device: str = "cpu", dtype: torch.dtype | None = None) -> TinyModel:
+    """Load a tiny checkpoint folder written by :meth:`TinyModel.save`."""
+    folder = Path(folder)
+    try:
+        meta = json.loads((folder / CONFIG_FILE).read_text())
+        raw = dict(meta["config"])
+        raw["vocabulary"] = tuple(raw.get("vocabulary") or ())
+        raw["rope_axes"] = tuple(raw["rope_axes"])
+        config = TinyConfig(**raw)
+        state = load_file(str(folder / WEIGHTS_FILE))
+    except (OSError, KeyError, TypeError, ValueError) as exc:
+        raise ModelError(f"{folder}: not a readable UniRef tiny checkpoint ({exc})") from None
+    tokenizer = WordTokenizer(meta["vocabulary"])
+    net = TinyMMDiT(config, len(tokenizer))
+    missing, unexpected = net.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+    if missing or unexpected:
+        raise ModelError(f"{folder}: weights do not match the config (missing {missing}, unexpected {unexpected})")
+    net.to(device=device, dtype=dtype or torch.float32).eval()
+    return TinyModel(config, net, tokenizer, name=str(folder))
+
+
+def load_tiny(device: str = "cpu", dtype: torch.dtype | None = None, **_: Any) -> TinyModel:
+    """The embedded default; random weights (with a warning) until trained weights ship."""
+    if (SHIPPED_DIR / WEIGHTS_FILE).is_file():
+        model = load_tiny_folder(SHIPPED_DIR, device=device, dtype=dtype)
+        model.name = "tiny"
+        return model
+    warnings.warn("no trained tiny weights are shipped yet: 'tiny' runs with random weights", stacklevel=2)
+    model = build_tiny(name="tiny")
+    model.net.to(device=device, dtype=dtype or torch.float32)
+    return model
+
+
+def load_tiny_random(device: str = "cpu", dtype: torch.dtype | None = None, seed: int = 0, **_: Any) -> TinyModel:
+    """The untrained tiny model, always."""
+    model = build_tiny(seed=seed, name="tiny-random")
+    model.net.to(device=device, dtype=dtype or torch.float32)
+    return model

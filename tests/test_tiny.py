@@ -1,0 +1,110 @@
+from pathlib import Path
+
+import pytest
+import torch
+
+from uniref.budget import Size
+from uniref.models import load_model
+from uniref.models.tiny import TinyConfig, TinyModel, WordTokenizer, build_tiny, normalised_coords
+from uniref.sequence import build_sequence, pack_sequences
+
+WORDS = ("put", "the", "red", "circle", "from", "picture", "on", "background", "of", "1", "2", "3")
+SMALL = TinyConfig(vocabulary=WORDS, width=32, depth=2, heads=2, rope_axes=(4, 6, 6), text_layers=1, mlp_ratio=2)
+
+
+def _sample(model: TinyModel, grids: list[tuple[int, int]], seed: int) -> tuple:
+    g = torch.Generator().manual_seed(seed)
+    c = model.spec.latent_channels
+    lat = [torch.randn(c, 2 * h, 2 * w, generator=g) for h, w in grids]
+    return build_sequence(lat[0], lat[1:])
+
+
+def test_velocity_of_packed_batch_equals_each_sample_alone() -> None:
+    model = build_tiny(SMALL, seed=1)
+    torch.manual_seed(0)
+    for p in model.net.parameters():  # zero-initialised modulations would hide leaks
+        p.data.normal_(0, 0.2)
+    seqs = [_sample(model, [(2, 3), (2, 2)], 0), _sample(model, [(3, 2), (1, 2), (2, 1), (1, 1)], 1)]
+    cond = model.encode_condition(["put the red circle", "the background of picture 2"], [[], []], [[], []])
+    sigma = torch.tensor([0.3, 0.8])
+    with torch.no_grad():
+        together = pack_sequences(seqs, capacity=64, extra_lengths=[t.shape[0] for t in cond.txt])
+        assert len(together.rows) == 1  # both samples share one row: a leak would show
+        v_all = together.target_tokens(model.velocity(together, cond, sigma))
+        for i, seq in enumerate(seqs):
+            alone = pack_sequences([seq])
+            v_one = alone.target_tokens(model.velocity(alone, cond.select([i]), sigma[i : i + 1]))[0]
+            torch.testing.assert_close(v_all[i], v_one, rtol=1e-4, atol=1e-5)
+
+
+def test_velocity_is_x_t_minus_predicted_clean_over_sigma() -> None:
+    model = build_tiny(SMALL)
+    seq = _sample(model, [(2, 2), (2, 2)], 0)
+    batch = pack_sequences([seq])
+    cond = model.encode_condition(["put the red circle"], [[]], [[]])
+    sigma = torch.tensor([0.5])
+    with torch.no_grad():
+        x0 = model.predict_x0(batch, cond, sigma)
+        v = model.velocity(batch, cond, sigma)
+    torch.testing.assert_close(v, (batch.tokens.values - x0) / 0.5)
+
+
+def test_codec_is_exact_and_declares_its_geometry() -> None:
+    model = build_tiny(SMALL)
+    img = torch.rand(3, 24, 40) * 2 - 1
+    lat = model.encode_images([img])[0]
+    assert lat.shape == (48, 6, 10)
+    assert torch.equal(model.decode_latents([lat])[0], img)
+    assert model.spec.token_pixels == 8 and model.spec.plan_multiple == 8
+
+
+def test_unknown_words_warn_and_name_the_words() -> None:
+    model = build_tiny(SMALL)
+    with pytest.warns(UserWarning, match=r"ignored \(read as <unk>\): zebra, sofa$"):
+        cond = model.encode_condition(["put the zebra on the sofa", "the zebra"], [[], []], [[], []])
+    assert cond.txt[0].shape == (6, 32)
+    assert WordTokenizer(WORDS).encode("Picture 2!", 8) == ([WordTokenizer(WORDS).ids["picture"], 12], [])
+
+
+def test_empty_instruction_still_encodes() -> None:
+    model = build_tiny(SMALL)
+    cond = model.encode_condition([""], [[]], [[]])
+    assert cond.txt[0].shape[0] == 1 and torch.isfinite(cond.txt[0]).all()
+
+
+def test_save_then_load_gives_identical_outputs(tmp_path: Path) -> None:
+    model = build_tiny(SMALL, seed=3)
+    for p in model.net.parameters():
+        p.data.add_(0.01 * torch.randn_like(p))
+    model.save(tmp_path / "ckpt")
+    loaded = load_model(tmp_path / "ckpt")
+    assert isinstance(loaded, TinyModel) and loaded.config == model.config
+    seq = _sample(model, [(2, 2), (1, 3)], 2)
+    batch = pack_sequences([seq])
+    sigma = torch.tensor([0.7])
+    with torch.no_grad():
+        a = model.velocity(batch, model.encode_condition(["the red circle"], [[]], [[]]), sigma)
+        b = loaded.velocity(batch, loaded.encode_condition(["the red circle"], [[]], [[]]), sigma)
+    assert torch.equal(a, b)
+
+
+def test_same_seed_same_weights() -> None:
+    a, b = build_tiny(SMALL, seed=5), build_tiny(SMALL, seed=5)
+    for (ka, va), (kb, vb) in zip(a.net.state_dict().items(), b.net.state_dict().items(), strict=True):
+        assert ka == kb and torch.equal(va, vb)
+
+
+def test_normalised_coords_span_each_image() -> None:
+    coords = normalised_coords([(2, 4), (1, 1)])
+    assert coords.shape == (9, 2)
+    assert coords[:8].min() == -0.75 and coords[:8].max() == 0.75
+    assert coords[8].tolist() == [0.0, 0.0]
+
+
+def test_planning_uses_the_models_multiple() -> None:
+    from uniref.budget import plan
+
+    model = build_tiny(SMALL)
+    result = plan([Size(300, 200), Size(90, 120)], model.spec.ref_budget, model.spec.plan_multiple)
+    assert all(s.width % 8 == 0 and s.height % 8 == 0 for s in result.sizes)
+    assert result.total_pixels <= 64 * 64
