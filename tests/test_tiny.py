@@ -62,14 +62,14 @@ def test_unknown_words_warn_and_name_the_words() -> None:
     model = build_tiny(SMALL)
     with pytest.warns(UserWarning, match=r"ignored \(read as <unk>\): zebra, sofa$"):
         cond = model.encode_condition(["put the zebra on the sofa", "the zebra"], [[], []], [[], []])
-    assert cond.txt[0].shape == (6, 32)
+    assert cond.txt[0].shape == (6,) and int((cond.txt[0] == 1).sum()) == 2  # two <unk>
     assert WordTokenizer(WORDS).encode("Picture 2!", 8) == ([WordTokenizer(WORDS).ids["picture"], 12], [])
 
 
 def test_empty_instruction_still_encodes() -> None:
     model = build_tiny(SMALL)
     cond = model.encode_condition([""], [[]], [[]])
-    assert cond.txt[0].shape[0] == 1 and torch.isfinite(cond.txt[0]).all()
+    assert cond.txt[0].tolist() == [0]
 
 
 def test_save_then_load_gives_identical_outputs(tmp_path: Path) -> None:

@@ -81,6 +81,9 @@ class EditModel(ABC):
     spec: LatentSpec
     #: True for Qwen-Image-Edit-2511: reference tokens are modulated with timestep 0.
     zero_cond_t: bool = False
+    #: Sampling defaults used when the caller gives none (Qwen-Image-Edit's model card values).
+    default_steps: int = 28
+    default_guidance: float = 4.0
 
     @property
     @abstractmethod

@@ -85,7 +85,11 @@ class TinyConfig:
     ref_budget: int = 64 * 64  # stage-1 budget of the paper's 1024² analogue
     target_budget: int = 64 * 64
     plan_multiple: int = 8  # one token: unshuffle × patch
-    schedule: dict[str, Any] = field(default_factory=lambda: {"dynamic_shift": False, "shift_terminal": None})
+    # Qwen-Image's resolution shift with sequence lengths scaled by 1/64 (a 64² tiny target has 64
+    # tokens where a 1024² Qwen target has 4096): shift ≈ 2.0 at 64², 2.6 at 96², 3.7 at 128².
+    schedule: dict[str, Any] = field(
+        default_factory=lambda: {"dynamic_shift": True, "base_seq_len": 4, "max_seq_len": 128, "shift_terminal": None}
+    )
 
     @property
     def token_dim(self) -> int:
@@ -200,6 +204,26 @@ class JointBlock(nn.Module):
         return self.img.finish(img, out[:, n_txt:], img_mod), self.txt.finish(txt, out[:, :n_txt], txt_mod)
 
 
+class TextBlock(nn.Module):
+    """Pre-norm self-attention block of the word encoder (block-diagonal over packed samples)."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.out = nn.Linear(width, width)
+        hidden = int(width * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        qkv = self.qkv(self.norm1(x)).unflatten(-1, (3, self.heads, -1))  # (R, L, 3, H, Dh)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (R, H, L, Dh)
+        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (R, H, L, Dh)
+        x = x + self.out(attn.transpose(1, 2).flatten(2))
+        return x + self.mlp(self.norm2(x))
+
+
 def timestep_embedding(sigma: torch.Tensor, dim: int) -> torch.Tensor:
     """Sinusoidal embedding of σ·1000 (B,) -> (B, dim)."""
     half = dim // 2
@@ -217,10 +241,9 @@ class TinyMMDiT(nn.Module):
         self.config = config
         self.word_embed = nn.Embedding(vocab_size, w, padding_idx=PAD_ID)
         self.word_pos = nn.Embedding(config.max_text_len, w)
-        layer = nn.TransformerEncoderLayer(
-            w, config.heads, int(w * config.mlp_ratio), dropout=0.0, batch_first=True, norm_first=True
+        self.text_blocks = nn.ModuleList(
+            TextBlock(w, config.heads, config.mlp_ratio) for _ in range(config.text_layers)
         )
-        self.text_encoder = nn.TransformerEncoder(layer, config.text_layers, enable_nested_tensor=False)
         self.text_norm = nn.LayerNorm(w)
         self.img_in = nn.Linear(config.token_dim, w)
         self.txt_in = nn.Linear(w, w)
@@ -234,19 +257,6 @@ class TinyMMDiT(nn.Module):
         nn.init.zeros_(self.out_mod.weight)
         nn.init.zeros_(self.out_mod.bias)
 
-    def encode_text(self, ids: list[list[int]]) -> list[torch.Tensor]:
-        """Word ids per sample -> (L_i, W) hidden states (padding removed)."""
-        device = self.word_embed.weight.device
-        longest = max(len(x) for x in ids)
-        padded = torch.full((len(ids), longest), PAD_ID, dtype=torch.long, device=device)
-        for i, x in enumerate(ids):
-            padded[i, : len(x)] = torch.tensor(x, device=device)
-        pad_mask = padded == PAD_ID
-        pad_mask[:, 0] = False  # an all-padding prompt still keeps one (PAD) token
-        h = self.word_embed(padded) + self.word_pos(torch.arange(longest, device=device))[None]
-        h = self.text_norm(self.text_encoder(h, src_key_padding_mask=pad_mask))
-        return [h[i, : max(1, len(x))] for i, x in enumerate(ids)]
-
     def forward(
         self,
         x_t: torch.Tensor,  # (R, Li, token_dim) packed SELF tokens
@@ -254,16 +264,23 @@ class TinyMMDiT(nn.Module):
         coords: torch.Tensor,  # (R, Li, 2) per-image normalised coordinates in [-1, 1]
         token_type: torch.Tensor,  # (R, Li)
         img_ids: torch.Tensor,  # (R, Li) sample index or PAD
-        txt: torch.Tensor,  # (R, Lt, W) packed text states
+        words: torch.Tensor,  # (R, Lt) packed word ids
+        word_index: torch.Tensor,  # (R, Lt) position of each word in its instruction
         txt_pos: torch.Tensor,  # (R, Lt, 3)
         txt_ids: torch.Tensor,  # (R, Lt) sample index or PAD
         sigma: torch.Tensor,  # (B,)
     ) -> torch.Tensor:
         """Predicted clean tokens x̂_0 (R, Li, token_dim)."""
         cfg = self.config
+        # The text encoder runs inside forward, on the packed rows, so one forward (and one DDP
+        # gradient sync) covers every trained weight.
+        txt_h = self.word_embed(words) + self.word_pos(word_index.clamp(max=cfg.max_text_len - 1))
+        text_mask = attention_mask(txt_ids)
+        for block in self.text_blocks:
+            txt_h = block(txt_h, text_mask)
+        txt_h = self.txt_in(self.text_norm(txt_h))
         frames = position_ids[..., 0].clamp(0, cfg.max_frames - 1)
         img = self.img_in(x_t) + self.frame_embed(frames) + self.coord_in(_fourier(coords, cfg.coord_freqs))
-        txt_h = self.txt_in(txt)
         # Per-sample embeddings of σ and of 0 (clean references), gathered per token; row B is padding.
         temb = self.time_embed(timestep_embedding(torch.cat([sigma, sigma.new_zeros(1)]), cfg.width))
         zero = self.time_embed(timestep_embedding(sigma.new_zeros(1), cfg.width))
@@ -306,6 +323,10 @@ class TinyModel(EditModel):
         self.name = name
         self.spec = config.spec()
         self.zero_cond_t = True
+        # DESIGN §7: sampler steps barely mattered for the tiny model (10 vs 40); it is trained
+        # without prompt dropout, so classifier-free guidance is off.
+        self.default_steps = 20
+        self.default_guidance = 1.0
 
     @property
     def device(self) -> torch.device:
@@ -335,7 +356,7 @@ class TinyModel(EditModel):
                 f"tiny model: words outside its vocabulary are ignored (read as <unk>): {', '.join(unknown)}",
                 stacklevel=2,
             )
-        return Conditioning(self.net.encode_text(ids))
+        return Conditioning([torch.tensor(x, dtype=torch.long) for x in ids])
 
     def encode_images(self, images: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         r = self.config.unshuffle
@@ -349,7 +370,8 @@ class TinyModel(EditModel):
         """Predicted clean tokens for every token of ``batch`` (R, C, D)."""
         device = self.device
         coords = batch.pack_like([normalised_coords(s.grids) for s in batch.sequences])
-        txt_packed = pack_stream(batch.rows, [t.to(device) for t in cond.txt])
+        words = pack_stream(batch.rows, list(cond.txt))
+        word_index = pack_stream(batch.rows, [torch.arange(t.shape[0]) for t in cond.txt]).values
         txt_pos = pack_stream(
             batch.rows,
             [
@@ -363,9 +385,10 @@ class TinyModel(EditModel):
             coords.to(device, self.dtype),
             batch.token_type.to(device),
             batch.sample_ids.to(device),
-            txt_packed.values,
+            words.values.to(device),
+            word_index.to(device),
             txt_pos.to(device),
-            txt_packed.sample_ids.to(device),
+            words.sample_ids.to(device),
             sigma.to(device, self.dtype),
         )
 
