@@ -1,0 +1,103 @@
+"""``uniref edit``: an instruction and K reference images in, one edited image out."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import warnings
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from PIL import Image
+
+from uniref.budget import PlanMode, Size
+from uniref.cli import app
+from uniref.cli.plan import plan_json
+from uniref.errors import BudgetError, ImageInputError, UniRefError
+from uniref.images import load_images, save_image
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def parse_size(text: str) -> Size:
+    """``WxH`` -> Size; anything else is a one-line error."""
+    match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
+    if not match or int(match[1]) <= 0 or int(match[2]) <= 0:
+        raise BudgetError(f"--size {text!r}: expected WIDTHxHEIGHT, e.g. 512x384")
+    return Size(int(match[1]), int(match[2]))
+
+
+def check_output_path(path: Path) -> None:
+    if path.is_dir():
+        raise ImageInputError(f"-o {path}: is a directory; give a file name such as out.png")
+    if path.suffix.lower() not in Image.registered_extensions():
+        raise ImageInputError(f"-o {path}: unknown image format {path.suffix!r}; use .png, .jpg or .webp")
+
+
+@app.command("edit")
+def edit_command(
+    instruction: Annotated[str, typer.Argument(help="what to do, e.g. 'put the red circle on picture 1'")],
+    ref: Annotated[list[Path], typer.Option("--ref", help="a reference image; repeat for K references")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="where to write the edited image")],
+    model: Annotated[str, typer.Option(help="tiny (embedded default), tiny-random, or a model folder")] = "tiny",
+    size: Annotated[str | None, typer.Option(help="output size WxH; default: from the last reference")] = None,
+    steps: Annotated[int | None, typer.Option(min=1, help="denoising steps; default: the model's")] = None,
+    guidance: Annotated[float | None, typer.Option(help="true-CFG scale (1 = off); default: the model's")] = None,
+    seed: Annotated[int, typer.Option(help="noise seed")] = 0,
+    budget: Annotated[str | None, typer.Option(help="reference pixel budget, 1024 = 1024²; default: native")] = None,
+    mode: Annotated[PlanMode, typer.Option(help="global (SELF) or per_image (diffusers)")] = PlanMode.GLOBAL,
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="fp32, bf16 or fp16")] = "fp32",
+    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+) -> None:
+    """Edit or compose: the instruction refers to the references as picture 1..K in --ref order."""
+    import torch
+
+    from uniref.pipeline import EditPipeline
+
+    if dtype not in DTYPES:
+        raise UniRefError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    if mode is PlanMode.GLOBAL_ROUND:
+        raise BudgetError("--mode global_round only plans; edit with global or per_image")
+    target = parse_size(size) if size else None
+    check_output_path(output)
+    refs = load_images(ref)
+    total_start = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pipe = EditPipeline.from_pretrained(model, device=device, dtype=getattr(torch, DTYPES[dtype]))
+    for w in caught:
+        typer.echo(f"warning: {w.message}", err=True)
+    steps = steps or pipe.model.default_steps
+    guidance = pipe.model.default_guidance if guidance is None else guidance
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = pipe.generate(
+            instruction,
+            refs,
+            target,
+            steps=steps,
+            guidance=guidance,
+            seed=seed,
+            budget=budget,
+            mode=mode,
+            progress=progress,
+        )
+    for w in caught:
+        typer.echo(f"warning: {w.message}", err=True)
+    image = result.images[0]
+    save_image(image, output)
+    if as_json:
+        seconds = result.timings.as_dict()
+        seconds["total"] = time.perf_counter() - total_start
+        plan = plan_json(result.ref_plans[0], ref, pipe.model.spec.token_pixels)
+        typer.echo(
+            json.dumps(
+                {"output": str(output), "width": image.width, "height": image.height, "plan": plan, "seconds": seconds}
+            )
+        )
+    else:
+        typer.echo(f"wrote {output} ({image.width}x{image.height}) in {time.perf_counter() - total_start:.1f}s")
