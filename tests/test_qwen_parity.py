@@ -149,3 +149,66 @@ def test_folder_that_is_not_qwen_image_edit_is_a_model_error(tmp_path):
         load_qwen_image_edit(tmp_path)
     with pytest.raises(ModelError, match="no model_index.json"):
         load_qwen_image_edit(tmp_path / "nowhere")
+
+
+def _copy_with_edited_transformer(folder, tmp_path, edit):
+    import shutil
+
+    import safetensors.torch as st
+
+    copy = shutil.copytree(folder, tmp_path / "copy")
+    weights = copy / "transformer" / "diffusion_pytorch_model.safetensors"
+    state = st.load_file(weights)
+    edit(state)
+    st.save_file(state, weights)
+    return copy
+
+
+def test_checkpoint_missing_weights_is_a_model_error(tiny, tmp_path):
+    from uniref.models.qwen_image import load_qwen_image_edit
+
+    copy = _copy_with_edited_transformer(tiny[1], tmp_path, lambda s: s.pop("img_in.bias"))
+    with pytest.raises(ModelError, match="lacks 1 weight.*img_in.bias"):
+        load_qwen_image_edit(copy, dtype="fp32", device="cpu")
+
+
+def test_checkpoint_unexpected_weights_are_reported(tiny, tmp_path, caplog):
+    from uniref.models.qwen_image import load_qwen_image_edit
+
+    copy = _copy_with_edited_transformer(tiny[1], tmp_path, lambda s: s.update({"extra.weight": torch.zeros(2)}))
+    with caplog.at_level("WARNING", logger="uniref.models.qwen_image"):
+        model = load_qwen_image_edit(copy, dtype="fp32", device="cpu")
+    assert "extra.weight" in caplog.text
+    assert model.spec.latent_channels == qwen_tiny.TINY_Z_DIM
+
+
+@pytest.mark.parametrize("flavour", ["qwen-image-edit-2509", "qwen-image-edit-2511"])
+def test_registry_flavour_forces_the_variant(tiny, flavour):
+    from uniref.models import load_model
+
+    model = load_model(flavour, path=tiny[1], dtype="fp32", device="cpu")
+    assert model.name == flavour
+    assert model.zero_cond_t == (flavour == "qwen-image-edit-2511")
+    assert model.transformer.config.zero_cond_t == model.zero_cond_t
+
+
+def test_registry_flavour_without_a_path_is_a_model_error():
+    from uniref.models import load_model
+
+    with pytest.raises(ModelError, match="pass the local diffusers folder"):
+        load_model("qwen-image-edit-2511")
+
+
+def test_self_condition_size_is_28_of_every_32_pixels(ours, monkeypatch):
+    monkeypatch.setattr(ours.model, "condition_size", "self")
+    assert ours.model.condition_image_size(REFS[0], Size(width=128, height=96)) == Size(width=112, height=84)
+    # The VL encoder then sees exactly (112/28)·(84/28) = 12 merged vision tokens for that reference.
+    cond = ours.model.encode_condition(["x"], [[REFS[0]]], [[Size(width=128, height=96)]])
+    monkeypatch.setattr(ours.model, "condition_size", 32 * 32)
+    small = ours.model.encode_condition(["x"], [[REFS[0]]], [[Size(width=128, height=96)]])
+    assert cond.txt[0].shape[0] - small.txt[0].shape[0] == 12 - 4
+
+
+def test_schedule_is_read_from_the_folder_scheduler_config(ours):
+    assert ours.model.spec.schedule.max_seq_len == qwen_tiny.QWEN_SCHEDULER_CONFIG["max_image_seq_len"]
+    assert ours.model.spec.schedule.shift_terminal == qwen_tiny.QWEN_SCHEDULER_CONFIG["shift_terminal"]

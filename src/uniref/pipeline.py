@@ -35,9 +35,6 @@ from uniref.models import load_model
 from uniref.models.base import Conditioning, EditModel
 from uniref.sequence import PackedBatch, SelfSequence, build_sequence, pack_sequences
 
-DEFAULT_STEPS = 28
-# Qwen-Image-Edit's recommended true-CFG scale (its model card uses 4.0); 1.0 disables guidance.
-DEFAULT_GUIDANCE = 4.0
 # Qwen-Image's examples use a single space as the negative prompt.
 DEFAULT_NEGATIVE = " "
 
@@ -126,8 +123,8 @@ class EditPipeline:
         refs: Sequence[Image.Image] | Sequence[Sequence[Image.Image]],
         size: Size | Sequence[Size | None] | None = None,
         *,
-        steps: int = DEFAULT_STEPS,
-        guidance: float = DEFAULT_GUIDANCE,
+        steps: int | None = None,
+        guidance: float | None = None,
         negative: str | Sequence[str] | None = None,
         seed: int | Sequence[int] = 0,
         budget: int | str | None = None,
@@ -137,7 +134,9 @@ class EditPipeline:
     ) -> list[Image.Image]:
         """Edit one request (``instruction: str``, ``refs: [img, ...]``) or a batch (lists of
         both, plus optionally per-request ``size``, ``negative`` and ``seed``). Returns one image per
-        request; latents, plans and timings of the call are in :attr:`last_result`."""
+        request; latents, plans and timings of the call are in :attr:`last_result`. ``steps`` and
+        ``guidance`` default to the model's own (``default_steps``, ``default_guidance``); true CFG
+        runs when ``guidance > 1``."""
         return self.generate(
             instruction,
             refs,
@@ -159,8 +158,8 @@ class EditPipeline:
         refs: Sequence[Image.Image] | Sequence[Sequence[Image.Image]],
         size: Size | Sequence[Size | None] | None = None,
         *,
-        steps: int = DEFAULT_STEPS,
-        guidance: float = DEFAULT_GUIDANCE,
+        steps: int | None = None,
+        guidance: float | None = None,
         negative: str | Sequence[str] | None = None,
         seed: int | Sequence[int] = 0,
         budget: int | str | None = None,
@@ -174,6 +173,8 @@ class EditPipeline:
         ``capacity`` is the packed row length in tokens, default the longest sample)."""
         instructions, ref_lists, sizes, negatives, seeds = _normalise_batch(instruction, refs, size, negative, seed)
         model = self.model
+        steps = model.default_steps if steps is None else steps
+        guidance = model.default_guidance if guidance is None else guidance
         timings = Timings(load=self.load_seconds)
         do_cfg = guidance > 1.0
 

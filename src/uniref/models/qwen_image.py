@@ -345,12 +345,20 @@ def _check_folder(folder: Path) -> None:
 
 
 def _report_keys(where: Path, info: dict[str, Any]) -> None:
-    """Warn about weights the checkpoint lacks (left random) or has in excess (ignored)."""
-    for kind in ("missing_keys", "unexpected_keys"):
-        keys = list(info.get(kind) or [])
-        if keys:
-            shown = ", ".join(keys[:5]) + (f" … (+{len(keys) - 5})" if len(keys) > 5 else "")
-            log.warning("%s: %d %s: %s", where, len(keys), kind.replace("_", " "), shown)
+    """Weights the checkpoint lacks are an error (they would be left uninitialised: garbage
+    output, or meta tensors that cannot run); weights it has in excess are ignored with a warning."""
+    missing = list(info.get("missing_keys") or [])
+    if missing:
+        raise ModelError(
+            f"{where}: checkpoint lacks {len(missing)} weight(s): {_some(missing)}; is it a complete model?"
+        )
+    unexpected = list(info.get("unexpected_keys") or [])
+    if unexpected:
+        log.warning("%s: %d unexpected weight(s) ignored: %s", where, len(unexpected), _some(unexpected))
+
+
+def _some(keys: list[str], shown: int = 5) -> str:
+    return ", ".join(keys[:shown]) + (f" … (+{len(keys) - shown})" if len(keys) > shown else "")
 
 
 def _read_schedule(path: Path) -> ScheduleSpec:
