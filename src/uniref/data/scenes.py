@@ -65,6 +65,7 @@ SQUARE_HALF = 0.8  # half-side of a square, so its area is close to a circle of 
 GRID_CELLS = (3, 8)  # grid cells across the short side, inclusive range
 GRID_LINE = 0.08  # grid line width as a fraction of a cell
 TEXTURE_CELLS = 6  # coarse noise lattice across the short side of a texture
+TEXTURE_LATTICE = 64  # lattice points per axis: aspects up to ~10 before the noise repeats
 
 
 @dataclass(frozen=True)
@@ -250,12 +251,13 @@ def render_object(obj: SceneObject, canvas: Size, ss: int = SUPERSAMPLE) -> tupl
 
 def _texture_noise(seed: int, canvas: Size) -> np.ndarray:
     """Smooth value noise in [0, 1], defined on a lattice fixed relative to the short side."""
-    lattice = np.random.default_rng(seed).random((TEXTURE_CELLS * 4 + 1, TEXTURE_CELLS * 4 + 1))
+    lattice = np.random.default_rng(seed).random((TEXTURE_LATTICE, TEXTURE_LATTICE))
     short = min(canvas.width, canvas.height)
     gx = (np.arange(canvas.width) + 0.5) / short * TEXTURE_CELLS
     gy = (np.arange(canvas.height) + 0.5) / short * TEXTURE_CELLS
     ix, iy = np.floor(gx).astype(int), np.floor(gy).astype(int)
     fx, fy = gx - ix, gy - iy
+    ix, iy = ix % (TEXTURE_LATTICE - 1), iy % (TEXTURE_LATTICE - 1)  # wrap: extreme aspects tile the noise
     fx, fy = fx * fx * (3 - 2 * fx), fy * fy * (3 - 2 * fy)  # smoothstep: no lattice creases
     a, b = lattice[np.ix_(iy, ix)], lattice[np.ix_(iy, ix + 1)]
     c, d = lattice[np.ix_(iy + 1, ix)], lattice[np.ix_(iy + 1, ix + 1)]
