@@ -91,13 +91,19 @@ def true_cfg(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Te
 
 
 def sample_training_sigmas(
-    n: int, shift: float = 1.0, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32
+    n: int,
+    shift: float = 1.0,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float32,
+    *,
+    logit_mean: float = 0.0,
+    logit_std: float = 1.0,
 ) -> torch.Tensor:
     """Training noise levels (n,): logit-normal then shifted (UniPic-3 SFT):
 
-    u ~ N(0, 1),   σ = sigmoid(u),   σ ← s·σ / (1 + (s − 1)·σ).
+    u ~ N(logit_mean, logit_std²),   σ = sigmoid(u),   σ ← s·σ / (1 + (s − 1)·σ).
     """
-    u = torch.randn(n, generator=generator, dtype=torch.float64)
+    u = torch.randn(n, generator=generator, dtype=torch.float64) * logit_std + logit_mean
     return shift_sigma(torch.sigmoid(u), shift).to(dtype)
 
 

@@ -120,3 +120,7 @@ class EditModel(ABC):
     @abstractmethod
     def denoiser(self) -> torch.nn.Module:
         """The trainable network (SFT, MSGRPO and LoRA wrap this module)."""
+
+    @abstractmethod
+    def set_denoiser(self, module: torch.nn.Module) -> None:
+        """Use ``module`` (the denoiser wrapped by DDP/FSDP or peft) for every later call."""

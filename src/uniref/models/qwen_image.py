@@ -107,10 +107,13 @@ class QwenImageEdit(EditModel):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.transformer.dtype
+        return next(self.transformer.parameters()).dtype
 
     def denoiser(self) -> torch.nn.Module:
         return self.transformer
+
+    def set_denoiser(self, module: torch.nn.Module) -> None:
+        self.transformer = module
 
     @torch.no_grad()
     def encode_condition(

@@ -330,14 +330,17 @@ class TinyModel(EditModel):
 
     @property
     def device(self) -> torch.device:
-        return self.net.img_in.weight.device
+        return next(self.net.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.net.img_in.weight.dtype
+        return next(self.net.parameters()).dtype
 
     def denoiser(self) -> nn.Module:
         return self.net
+
+    def set_denoiser(self, module: nn.Module) -> None:
+        self.net = module
 
     def encode_condition(
         self,
