@@ -212,3 +212,12 @@ def test_self_condition_size_is_28_of_every_32_pixels(ours, monkeypatch):
 def test_schedule_is_read_from_the_folder_scheduler_config(ours):
     assert ours.model.spec.schedule.max_seq_len == qwen_tiny.QWEN_SCHEDULER_CONFIG["max_image_seq_len"]
     assert ours.model.spec.schedule.shift_terminal == qwen_tiny.QWEN_SCHEDULER_CONFIG["shift_terminal"]
+
+
+def test_bf16_load_runs_to_a_finite_image(tiny):
+    pipe = EditPipeline.from_pretrained(tiny[1], dtype="bf16", device="cpu", condition_size=CONDITION_SIDE**2)
+    assert pipe.model.dtype == torch.bfloat16
+    result = pipe.generate("x", REFS[:2], TARGET, steps=2, guidance=GUIDANCE, budget=VAE_SIDE, progress=False)
+    assert result.latents[0].dtype == torch.bfloat16
+    assert bool(torch.isfinite(result.latents[0].float()).all())
+    assert result.images[0].size == (TARGET.width, TARGET.height)
