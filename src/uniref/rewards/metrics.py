@@ -129,7 +129,7 @@ def _as_array(img: Image.Image | np.ndarray, size: Size) -> np.ndarray:
         img = Image.fromarray(np.asarray(img, dtype=np.uint8))
     img = img.convert("RGB")
     if img.size != (size.width, size.height):
-        img = img.resize((size.width, size.height), Image.Resampling.BILINEAR)
+        img = img.resize((size.width, size.height), Image.Resampling.LANCZOS)
     return np.asarray(img, dtype=np.float32)
 
 

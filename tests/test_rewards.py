@@ -1,0 +1,109 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+from uniref.budget import Size
+from uniref.data.scenes import Scene, render
+from uniref.data.tasks import TaskConfig, generate
+from uniref.rewards import SampleScore, Scorer, score
+
+COMPOSE = TaskConfig(tasks=("compose",), max_refs=4)
+SEEDS = range(12)
+
+
+def _with_target_objects(sample, change) -> Image.Image:
+    """The sample's target re-rendered after ``change(objects) -> objects``."""
+    t = sample.spec["target"]
+    scene = Scene.from_json(t["scene"])
+    return render(Scene(scene.background, tuple(change(list(scene.objects)))), Size(t["width"], t["height"]))
+
+
+def _object_refs(sample) -> list[int]:
+    return [i for i, r in enumerate(sample.spec["refs"]) if r["contributes"][0]["what"] == "object"]
+
+
+def test_ground_truth_scores_perfect_on_every_task():
+    for seed in range(40):
+        s = generate(seed, TaskConfig(max_refs=6))
+        r = score(s.target, s)
+        assert r.worst_ref > 0.999 and r.instruction == 1.0 and r.quality > 0.999, (s.task, r)
+
+
+def test_output_of_another_size_is_resized_and_keeps_every_reference_far_above_chance():
+    s = generate(3, COMPOSE)
+    big = s.target.resize((s.target.width * 2, s.target.height * 2), Image.Resampling.LANCZOS)
+    r = score(big, s)
+    assert r.worst_ref > 0.75 and r.instruction == 1.0  # resampling blurs small patterned objects a little
+
+
+def test_blank_and_other_targets_score_near_chance():
+    for seed in SEEDS:
+        s = generate(seed, COMPOSE)
+        other = generate(seed + 1000, COMPOSE)
+        scorer = Scorer(s)
+        for bad in (Image.new("RGB", s.target.size, (128, 128, 128)), other.target):
+            r = scorer(bad)
+            assert r.worst_ref < 0.3 and r.instruction <= 0.5, r
+
+
+def test_swapping_two_objects_places_is_caught_per_reference():
+    checked = 0
+    for seed in SEEDS:
+        s = generate(seed, COMPOSE)
+        if len(s.spec["target"]["scene"]["objects"]) < 2:
+            continue
+
+        def swap(objs):
+            a, b = objs[0], objs[1]
+            return [a.replace(cx=b.cx, cy=b.cy), b.replace(cx=a.cx, cy=a.cy), *objs[2:]]
+
+        r = score(_with_target_objects(s, swap), s)
+        refs = [i for i in _object_refs(s) if s.spec["refs"][i]["contributes"][0]["object"] in (0, 1)]
+        assert all(r.ref_scores[i] < 0.5 for i in refs), r
+        assert r.instruction < 1.0
+        checked += 1
+    assert checked >= 3
+
+
+def test_swapping_two_objects_colours_is_caught_per_reference():
+    checked = 0
+    for seed in SEEDS:
+        s = generate(seed, COMPOSE)
+        if len(s.spec["target"]["scene"]["objects"]) < 2:
+            continue
+
+        def swap(objs):
+            a, b = objs[0], objs[1]
+            return [a.replace(colour=b.colour), b.replace(colour=a.colour), *objs[2:]]
+
+        r = score(_with_target_objects(s, swap), s)
+        refs = [i for i in _object_refs(s) if s.spec["refs"][i]["contributes"][0]["object"] in (0, 1)]
+        assert all(r.ref_scores[i] < 0.5 for i in refs), r
+        others = [i for i in range(s.k) if i not in refs]
+        assert all(r.ref_scores[i] > 0.95 for i in others), r  # untouched references keep their score
+        checked += 1
+    assert checked >= 3
+
+
+def test_dropping_one_object_costs_only_its_reference():
+    s = next(x for x in (generate(i, COMPOSE) for i in SEEDS) if len(x.spec["target"]["scene"]["objects"]) >= 2)
+    r = score(_with_target_objects(s, lambda objs: objs[1:]), s)
+    dropped = next(i for i in _object_refs(s) if s.spec["refs"][i]["contributes"][0]["object"] == 0)
+    assert r.worst_ref == r.ref_scores[dropped] < 0.3
+    assert sorted(r.ref_scores)[1] > 0.9
+
+
+def test_scores_are_in_unit_interval_and_serialisable():
+    s = generate(5, TaskConfig(max_refs=5))
+    noise = np.random.default_rng(0).integers(0, 256, (s.target.height, s.target.width, 3), dtype=np.uint8)
+    r = score(noise, s)
+    assert isinstance(r, SampleScore)
+    assert all(0.0 <= v <= 1.0 for v in [*r.ref_scores, r.instruction, r.quality])
+    assert set(r.to_json()) >= {"ref_scores", "worst_ref", "instruction", "quality"}
+
+
+def test_sample_without_spec_is_refused():
+    s = generate(1, COMPOSE)
+    s.spec = {}
+    with pytest.raises(ValueError, match="spec"):
+        Scorer(s)
