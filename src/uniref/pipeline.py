@@ -13,7 +13,8 @@ One call serves a batch of requests with different K and sizes:
 5. decode the target latents.
 
 Request ``i`` of a batch given ``seed=s`` uses seed ``s + i``, so it equals the request run alone
-with that seed.
+with that seed. True CFG (as diffusers, with norm rescale) runs when ``guidance > 1``; unlike
+diffusers it does not also require a negative prompt: the default negative is Qwen's ``" "``.
 """
 
 from __future__ import annotations
