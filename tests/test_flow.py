@@ -169,3 +169,11 @@ def test_noising_endpoints_and_target():
         rtol=0,
         atol=1e-8,
     )
+
+
+def test_training_sigmas_logit_mean_and_std_move_the_normal():
+    u = torch.randn(100, generator=torch.Generator().manual_seed(6), dtype=torch.float64) * 0.5 - 1.0
+    got = flow.sample_training_sigmas(
+        100, 1.0, torch.Generator().manual_seed(6), dtype=torch.float64, logit_mean=-1.0, logit_std=0.5
+    )
+    torch.testing.assert_close(got, torch.sigmoid(u), rtol=0, atol=1e-15)

@@ -82,6 +82,9 @@ class FakeModel(EditModel):
     def denoiser(self) -> torch.nn.Module:
         return torch.nn.Identity()
 
+    def set_denoiser(self, module: torch.nn.Module) -> None:
+        raise NotImplementedError("the fake model has nothing to train")
+
 
 def _word_embedding(word: str) -> torch.Tensor:
     g = torch.Generator().manual_seed(sum(ord(c) * 31**i for i, c in enumerate(word)) % 2**31)
