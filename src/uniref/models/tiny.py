@@ -145,31 +145,35 @@ def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
 
 
 class Stream(nn.Module):
-    """One modality's weights inside a joint block."""
+    """One modality's weights inside a joint block. ``with_output=False`` (the text stream of the
+    last block) keeps only what produces keys and values: its output would never be read, and
+    unused weights break DDP."""
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float) -> None:
+    def __init__(self, width: int, heads: int, mlp_ratio: float, with_output: bool = True) -> None:
         super().__init__()
         head_dim = width // heads
-        self.modulation = nn.Linear(width, 6 * width)
+        self.modulation = nn.Linear(width, (6 if with_output else 2) * width)
         self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.qkv = nn.Linear(width, 3 * width)
         self.q_norm, self.k_norm = RMSNorm(head_dim), RMSNorm(head_dim)
-        self.out = nn.Linear(width, width)
-        self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        hidden = int(width * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width))
+        self.with_output = with_output
+        if with_output:
+            self.out = nn.Linear(width, width)
+            self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+            hidden = int(width * mlp_ratio)
+            self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width))
         self.heads = heads
         nn.init.zeros_(self.modulation.weight)
         nn.init.zeros_(self.modulation.bias)
 
-    def qkv_heads(self, x: torch.Tensor, mod: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        shift, scale = mod[..., 0], mod[..., 1]
+    def qkv_heads(self, x: torch.Tensor, mod: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        shift, scale = mod[0], mod[1]
         h = self.norm1(x) * (1 + scale) + shift
         q, k, v = self.qkv(h).unflatten(-1, (3, self.heads, -1)).unbind(-3)  # each (R, L, H, Dh)
         return self.q_norm(q).transpose(1, 2), self.k_norm(k).transpose(1, 2), v.transpose(1, 2)
 
-    def finish(self, x: torch.Tensor, attn: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
-        gate1, shift2, scale2, gate2 = mod[..., 2], mod[..., 3], mod[..., 4], mod[..., 5]
+    def finish(self, x: torch.Tensor, attn: torch.Tensor, mod: Sequence[torch.Tensor]) -> torch.Tensor:
+        gate1, shift2, scale2, gate2 = mod[2:]
         x = x + gate1 * self.out(attn)
         return x + gate2 * self.mlp(self.norm2(x) * (1 + scale2) + shift2)
 
@@ -177,22 +181,26 @@ class Stream(nn.Module):
 class JointBlock(nn.Module):
     """MMDiT block: per-modality modulation and weights, one attention over text + image."""
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float) -> None:
+    def __init__(self, width: int, heads: int, mlp_ratio: float, last: bool = False) -> None:
         super().__init__()
         self.img = Stream(width, heads, mlp_ratio)
-        self.txt = Stream(width, heads, mlp_ratio)
+        self.txt = Stream(width, heads, mlp_ratio, with_output=not last)
 
     def forward(
         self,
         img: torch.Tensor,  # (R, Li, W)
         txt: torch.Tensor,  # (R, Lt, W)
-        img_temb: torch.Tensor,  # (R, Li, W): per-token timestep embedding
-        txt_temb: torch.Tensor,  # (R, Lt, W)
+        temb: torch.Tensor,  # (E, W): the distinct timestep embeddings of the batch
+        img_temb_idx: torch.Tensor,  # (R, Li): which embedding modulates each image token
+        txt_temb_idx: torch.Tensor,  # (R, Lt)
         rope: torch.Tensor,  # (R, Lt + Li, Dh/2) complex
         mask: torch.Tensor,  # (R, 1, L, L) bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        img_mod = self.img.modulation(F.silu(img_temb)).unflatten(-1, (-1, 6))  # (R, Li, W, 6)
-        txt_mod = self.txt.modulation(F.silu(txt_temb)).unflatten(-1, (-1, 6))
+        # Modulations are computed once per distinct embedding (E = B + 1), then gathered per token.
+        img_mod = F.embedding(img_temb_idx, self.img.modulation(F.silu(temb))).chunk(6, dim=-1)  # 6 × (R, Li, W)
+        txt_mod = F.embedding(txt_temb_idx, self.txt.modulation(F.silu(temb))).chunk(
+            6 if self.txt.with_output else 2, -1
+        )
         qi, ki, vi = self.img.qkv_heads(img, img_mod)
         qt, kt, vt = self.txt.qkv_heads(txt, txt_mod)
         q = apply_rope(torch.cat([qt, qi], dim=2), rope)
@@ -201,7 +209,8 @@ class JointBlock(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (R, H, L, Dh)
         out = out.transpose(1, 2).flatten(2)  # (R, L, W)
         n_txt = txt.shape[1]
-        return self.img.finish(img, out[:, n_txt:], img_mod), self.txt.finish(txt, out[:, :n_txt], txt_mod)
+        txt = self.txt.finish(txt, out[:, :n_txt], txt_mod) if self.txt.with_output else txt
+        return self.img.finish(img, out[:, n_txt:], img_mod), txt
 
 
 class TextBlock(nn.Module):
@@ -250,7 +259,9 @@ class TinyMMDiT(nn.Module):
         self.frame_embed = nn.Embedding(config.max_frames, w)
         self.coord_in = nn.Linear(4 * config.coord_freqs, w)
         self.time_embed = nn.Sequential(nn.Linear(w, w), nn.SiLU(), nn.Linear(w, w))
-        self.blocks = nn.ModuleList(JointBlock(w, config.heads, config.mlp_ratio) for _ in range(config.depth))
+        self.blocks = nn.ModuleList(
+            JointBlock(w, config.heads, config.mlp_ratio, last=i == config.depth - 1) for i in range(config.depth)
+        )
         self.out_norm = nn.LayerNorm(w, elementwise_affine=False, eps=1e-6)
         self.out_mod = nn.Linear(w, 2 * w)
         self.out = nn.Linear(w, config.token_dim)
@@ -282,17 +293,17 @@ class TinyMMDiT(nn.Module):
         frames = position_ids[..., 0].clamp(0, cfg.max_frames - 1)
         img = self.img_in(x_t) + self.frame_embed(frames) + self.coord_in(_fourier(coords, cfg.coord_freqs))
         # Per-sample embeddings of σ and of 0 (clean references), gathered per token; row B is padding.
-        temb = self.time_embed(timestep_embedding(torch.cat([sigma, sigma.new_zeros(1)]), cfg.width))
-        zero = self.time_embed(timestep_embedding(sigma.new_zeros(1), cfg.width))
-        safe_img = torch.where(img_ids == PAD, sigma.shape[0], img_ids)
-        img_temb = torch.where((token_type == REFERENCE)[..., None], zero, temb[safe_img])
-        txt_temb = temb[torch.where(txt_ids == PAD, sigma.shape[0], txt_ids)]
+        # Embedding table: one row per sample's σ, then σ = 0 (clean references and padding).
+        b = sigma.shape[0]
+        temb = self.time_embed(timestep_embedding(torch.cat([sigma, sigma.new_zeros(1)]), cfg.width))  # (B+1, W)
+        img_idx = torch.where((img_ids == PAD) | (token_type == REFERENCE), b, img_ids)
+        txt_idx = torch.where(txt_ids == PAD, b, txt_ids)
         rope = rope_frequencies(torch.cat([txt_pos, position_ids], dim=1).flatten(0, 1), cfg.rope_axes)
         rope = rope.view(x_t.shape[0], -1, rope.shape[-1])
         mask = attention_mask(txt_ids, img_ids)
         for block in self.blocks:
-            img, txt_h = block(img, txt_h, img_temb, txt_temb, rope, mask)
-        shift, scale = self.out_mod(F.silu(img_temb)).chunk(2, dim=-1)
+            img, txt_h = block(img, txt_h, temb, img_idx, txt_idx, rope, mask)
+        shift, scale = F.embedding(img_idx, self.out_mod(F.silu(temb))).chunk(2, dim=-1)
         return self.out(self.out_norm(img) * (1 + scale) + shift)
 
 

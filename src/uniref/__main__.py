@@ -1,0 +1,3 @@
+from uniref.cli import main
+
+main()

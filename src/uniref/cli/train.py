@@ -1,0 +1,34 @@
+"""``uniref train sft | rl``: the training stages, configured by YAML plus ``a.b=c`` overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from uniref.cli import app
+from uniref.config import load_config
+
+train_app = typer.Typer(help="Training: SFT (flow matching) and RL (MSGRPO).", no_args_is_help=True)
+app.add_typer(train_app, name="train")
+
+
+@train_app.command("sft", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def sft_command(
+    ctx: typer.Context,
+    config: Annotated[Path, typer.Option(help="YAML config, e.g. configs/tiny_sft.yaml")],
+) -> None:
+    """Flow-matching SFT with the progressive budget. Extra arguments KEY=VALUE override the config;
+    rerunning into the same run.output_dir resumes from its newest checkpoint."""
+    from uniref.train.config import SFTConfig
+    from uniref.train.sft import train_sft
+
+    cfg = load_config(SFTConfig, config, ctx.args)
+    summary = train_sft(cfg)
+    status = "interrupted, checkpoint saved" if summary.interrupted else "done"
+    typer.echo(
+        f"{status}: {summary.steps} steps in {cfg.run.output_dir}"
+        + (f" (last loss {summary.losses[-1]:.4f})" if summary.losses else "")
+        + (f", {summary.skipped_nonfinite} non-finite steps skipped" if summary.skipped_nonfinite else "")
+    )

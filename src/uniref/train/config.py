@@ -1,0 +1,106 @@
+"""Training configs (SFT now, MSGRPO later): typed sections shared by both trainers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from uniref.config import StrictModel, TrainingConfig
+
+
+class LoraSection(StrictModel):
+    enabled: bool = Field(False, description="train LoRA adapters instead of the full denoiser")
+    rank: int = Field(64, ge=1)
+    alpha: float = Field(128.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj"],
+        description="module names (peft matching) that get adapters",
+    )
+
+
+class ModelSection(StrictModel):
+    name: str = Field("tiny-random", description="flavour (tiny, tiny-random, qwen-image-edit-2511) or folder")
+    path: Path | None = Field(None, description="weights folder for a Qwen flavour")
+    init_from: Path | None = Field(None, description="start from this checkpoint's weights (not its state)")
+    tiny: dict[str, Any] = Field(default_factory=dict, description="TinyConfig overrides for tiny-random")
+    dtype: Literal["fp32", "bf16"] = Field("fp32", description="weights dtype; bf16 autocast on CUDA either way")
+    gradient_checkpointing: bool = False
+    lora: LoraSection = Field(default_factory=LoraSection)
+
+
+class DataSection(StrictModel):
+    source: str = Field("scenes", description="'scenes' (generated on the fly) or a dataset folder/manifest")
+    task_mix: dict[str, float] = Field(
+        default_factory=lambda: {"edit": 0.5, "compose": 0.5},
+        description="task families or task names -> sampling weight",
+    )
+    max_refs: int = Field(6, ge=1, le=10)
+    size_range: str = Field("48:160", description="generated image side range MIN:MAX (pixels)")
+    seed_offset: int = Field(0, ge=0, description="first generator seed of this run's training stream")
+
+
+class StageSection(StrictModel):
+    """One stage of the progressive budget schedule."""
+
+    budget: int = Field(..., gt=0, description="reference budget side: 64 means 64² pixels for all references")
+    target_budget: int | None = Field(None, gt=0, description="output budget side (default: budget)")
+    steps: int = Field(..., gt=0, description="optimizer steps in this stage")
+    batch_size: int = Field(..., gt=0, description="global batch size (samples per optimizer step)")
+    lr_scale: float = Field(1.0, gt=0, description="multiplies the schedule's learning rate in this stage")
+    warmup_steps: int = Field(0, ge=0, description="extra warm-up at the start of this stage")
+
+
+class OptimSection(StrictModel):
+    lr: float = Field(1e-4, gt=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = Field(0.05, ge=0)
+    warmup_steps: int = Field(100, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine decays to lr·min_lr_ratio")
+    grad_clip: float = Field(1.0, gt=0)
+    ema_decay: float = Field(0.999, ge=0, lt=1, description="0 disables EMA")
+
+
+class LossSection(StrictModel):
+    weighting: Literal["flow", "x0"] = Field(
+        "flow", description="flow: MSE(v̂, ε − x0); x0: the same times σ² (MSE of x̂0, for x0-predicting models)"
+    )
+    logit_mean: float = 0.0
+    logit_std: float = Field(1.0, gt=0)
+
+
+class LogSection(StrictModel):
+    log_every: int = Field(10, ge=1)
+    checkpoint_every: int = Field(500, ge=1)
+    keep_last: int = Field(3, ge=1)
+    preview_every: int = Field(500, ge=1)
+    val_every: int = Field(1000, ge=1)
+    val_samples: int = Field(32, ge=0)
+    val_steps: int = Field(20, ge=1, description="sampler steps for previews and validation")
+    tensorboard: bool = True
+    progress: bool = True
+
+
+class SFTConfig(TrainingConfig):
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataSection = Field(default_factory=DataSection)
+    stages: list[StageSection] = Field(
+        default_factory=lambda: [StageSection(budget=64, steps=1000, batch_size=16)], min_length=1
+    )
+    optim: OptimSection = Field(default_factory=OptimSection)
+    loss: LossSection = Field(default_factory=LossSection)
+    log: LogSection = Field(default_factory=LogSection)
+
+    def stage_at(self, step: int) -> tuple[int, StageSection]:
+        """The stage that owns optimizer step ``step`` (0-based); the last stage runs on past its end."""
+        end = 0
+        for i, stage in enumerate(self.stages):
+            end += stage.steps
+            if step < end:
+                return i, stage
+        return len(self.stages) - 1, self.stages[-1]
+
+    def stage_start(self, index: int) -> int:
+        return sum(s.steps for s in self.stages[:index])

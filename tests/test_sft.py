@@ -1,0 +1,168 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from uniref.config import load_config
+from uniref.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from uniref.train.config import SFTConfig
+from uniref.train.sft import train_sft
+
+TINY = [
+    "model.name=tiny-random",
+    "model.tiny={width: 32, depth: 1, heads: 2, rope_axes: [4, 6, 6], text_layers: 1, mlp_ratio: 2}",
+    "data.max_refs=3",
+    "data.size_range='32:64'",
+    "stages=[{budget: 32, steps: 4, batch_size: 4}, {budget: 48, steps: 4, batch_size: 4, warmup_steps: 2}]",
+    "optim.warmup_steps=2",
+    "optim.ema_decay=0.9",
+    "loss.weighting=x0",
+    "log.log_every=1",
+    "log.checkpoint_every=2",
+    "log.keep_last=2",
+    "log.tensorboard=false",
+    "log.progress=false",
+]
+
+
+def _config(out: Path, *extra: str) -> SFTConfig:
+    return load_config(SFTConfig, overrides=[*TINY, f"run.output_dir={out}", *extra])
+
+
+def test_resume_reproduces_the_uninterrupted_loss_curve_bit_for_bit(tmp_path: Path) -> None:
+    straight = train_sft(_config(tmp_path / "a", "train.max_steps=6"))
+    first = train_sft(_config(tmp_path / "b", "train.max_steps=3"))
+    second = train_sft(_config(tmp_path / "b", "train.max_steps=6"))
+    assert len(straight.losses) == 6 and len(first.losses) == 3 and len(second.losses) == 3
+    assert first.losses + second.losses == straight.losses  # exact float equality, stage change included
+    wa, ea, _ = load_checkpoint(latest_checkpoint(tmp_path / "a"))
+    wb, eb, _ = load_checkpoint(latest_checkpoint(tmp_path / "b"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa) and all(torch.equal(ea[k], eb[k]) for k in ea)
+
+
+def test_checkpoints_are_complete_pruned_and_leave_no_temp_folders(tmp_path: Path) -> None:
+    summary = train_sft(_config(tmp_path, "train.max_steps=6"))
+    assert summary.steps == 6
+    names = [p.name for p in list_checkpoints(tmp_path)]
+    assert names == ["step_00000004", "step_00000006"]
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")]
+    _, ema, state = load_checkpoint(latest_checkpoint(tmp_path))
+    assert ema is not None and state["step"] == 6
+    assert {"optimizer", "scheduler", "rng", "trainer", "skipped_nonfinite"} <= set(state)
+    assert state["trainer"]["stream"]["position"] == 6 * 4
+    saved = load_config(SFTConfig, tmp_path / "config.yaml")
+    assert saved.train.max_steps == 6 and saved.run.output_dir == tmp_path
+
+
+def test_metrics_log_loss_by_task_and_k_and_packing(tmp_path: Path) -> None:
+    train_sft(_config(tmp_path, "train.max_steps=2"))
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    keys = set(rows[0])
+    assert {"loss", "lr", "grad_norm", "tokens_per_s", "real_token_fraction", "stage", "budget"} <= keys
+    assert any(k.startswith("loss/task/") for k in keys) and any(k.startswith("loss/k/") for k in keys)
+    assert 0 < rows[0]["real_token_fraction"] <= 1
+
+
+def test_non_finite_steps_are_skipped_and_counted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import uniref.train.sft as sft
+
+    real = sft.flow_loss
+    calls = {"n": 0}
+
+    def sometimes_nan(*args, **kwargs):
+        loss, per = real(*args, **kwargs)
+        calls["n"] += 1
+        return (loss * float("nan"), per) if calls["n"] == 2 else (loss, per)
+
+    monkeypatch.setattr(sft, "flow_loss", sometimes_nan)
+    summary = train_sft(_config(tmp_path, "train.max_steps=3"))
+    assert summary.skipped_nonfinite == 1 and summary.steps == 3
+    weights, _, _ = load_checkpoint(latest_checkpoint(tmp_path))
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_stop_request_checkpoints_and_a_rerun_continues(tmp_path: Path) -> None:
+    class StopAtTwo:
+        def after_step(self, step: int, runtime) -> None:
+            if step == 2:
+                runtime.stop_requested = True
+
+    summary = train_sft(_config(tmp_path, "train.max_steps=6"), hooks=StopAtTwo())
+    assert summary.interrupted and summary.steps == 2
+    assert latest_checkpoint(tmp_path).name == "step_00000002"
+    rest = train_sft(_config(tmp_path, "train.max_steps=6"))
+    assert rest.steps == 6 and len(rest.losses) == 4
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "uniref", "train", "sft", "--config", "configs/tiny_sft.yaml"]
+    cmd += [*TINY, f"run.output_dir={tmp_path}", "train.max_steps=100000", "log.checkpoint_every=100000"]
+    cmd[
+        cmd.index(
+            "stages=[{budget: 32, steps: 4, batch_size: 4}, {budget: 48, steps: 4, batch_size: 4, warmup_steps: 2}]"
+        )
+    ] = "stages=[{budget: 32, steps: 100000, batch_size: 2}]"
+    root = Path(__file__).parent.parent
+    proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (tmp_path / "metrics.jsonl").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "interrupted, checkpoint saved" in out
+    assert latest_checkpoint(tmp_path) is not None
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path: Path) -> None:
+    """DDP over gloo (2 CPU processes, 2 samples each) follows the single-process run (4 samples)."""
+    root = Path(__file__).parent.parent
+    args = ["train", "sft", "--config", "configs/tiny_sft.yaml", *TINY, "train.max_steps=3", "optim.ema_decay=0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single = subprocess.run(
+        [sys.executable, "-m", "uniref", *args, f"run.output_dir={tmp_path / 'one'}"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert single.returncode == 0, single.stderr
+    dist = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29533",
+            "-m",
+            "uniref",
+            *args,
+            f"run.output_dir={tmp_path / 'two'}",
+        ],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert dist.returncode == 0, dist.stderr[-3000:]
+
+    def losses(run: str) -> list[float]:
+        return [json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+
+    one, two = losses("one"), losses("two")
+    assert len(one) == len(two) == 3
+    for a, b in zip(one, two, strict=True):
+        assert abs(a - b) <= 1e-4 * max(1.0, abs(a))
