@@ -40,6 +40,7 @@ class DataSection(StrictModel):
     max_refs: int = Field(6, ge=1, le=10)
     size_range: str = Field("48:160", description="generated image side range MIN:MAX (pixels)")
     seed_offset: int = Field(0, ge=0, description="first generator seed of this run's training stream")
+    workers: int = Field(1, ge=0, description="processes generating/loading samples ahead of training (0: inline)")
 
 
 class StageSection(StrictModel):

@@ -22,9 +22,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from uniref.errors import ConfigError
 from uniref.train.batch import flow_loss, make_batch
 from uniref.train.config import SFTConfig
-from uniref.train.data import build_stream
+from uniref.train.data import StepBatches, build_source, step_loader
 from uniref.train.runtime import Runtime, build_model
 
 
@@ -43,26 +44,23 @@ def train_sft(config: SFTConfig, hooks: Any = None) -> RunSummary:
 
     state = PartialState(cpu=not torch.cuda.is_available())
     model = build_model(config.model, state.device)
-    stream = build_stream(
-        config.data.source,
-        config.data.task_mix,
-        config.data.max_refs,
-        config.data.size_range,
-        config.data.seed_offset,
-        rank=state.process_index,
-        world=state.num_processes,
+    source = build_source(
+        config.data.source, config.data.task_mix, config.data.max_refs, config.data.size_range, config.data.seed_offset
     )
+    rt = Runtime(config, model, lambda: {})
+    start, _ = rt.resume()
+    total = config.train.max_steps
 
-    def trainer_state() -> dict[str, Any]:
-        return {"stream": stream.state_dict()}
+    def batch_size_at(step: int) -> int:
+        size = config.stage_at(step)[1].batch_size
+        if size % rt.world:
+            raise ConfigError(f"stages: batch_size {size} is not divisible by {rt.world} processes")
+        return size
 
-    rt = Runtime(config, model, trainer_state)
-    start, saved = rt.resume()
-    if saved is not None:
-        stream.load_state_dict(saved["stream"])
+    batches = StepBatches(batch_size_at, start, total, rt.rank, rt.world)
+    loader = step_loader(source, batches, config.data.workers)
 
     losses: list[float] = []
-    total = config.train.max_steps
     bar = tqdm(
         range(start, total), initial=start, total=total, desc="sft", disable=not (rt.is_main and config.log.progress)
     )
@@ -70,12 +68,8 @@ def train_sft(config: SFTConfig, hooks: Any = None) -> RunSummary:
     with rt.stop_on_signals():
         for step in bar:
             index, stage = config.stage_at(step)
-            if stage.batch_size % rt.world:
-                raise ValueError(
-                    f"stages[{index}].batch_size {stage.batch_size} is not divisible by {rt.world} processes"
-                )
             tick = time.perf_counter()
-            indices, samples = stream.take(stage.batch_size // rt.world)
+            indices, samples = next(loader)
             batch = make_batch(
                 model,
                 samples,
