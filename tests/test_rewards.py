@@ -1,6 +1,6 @@
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from uniref.budget import Size
 from uniref.data.scenes import Scene, render
@@ -107,3 +107,34 @@ def test_sample_without_spec_is_refused():
     s.spec = {}
     with pytest.raises(ValueError, match="spec"):
         Scorer(s)
+
+
+def _down_up(img: Image.Image) -> Image.Image:
+    w, h = img.size
+    small = img.resize((w // 2, h // 2), Image.Resampling.LANCZOS)
+    return small.resize((w, h), Image.Resampling.LANCZOS)
+
+
+def test_ground_truth_resampled_down_and_up_keeps_every_reference_consistent():
+    worst = [score(_down_up(s.target), s).worst_ref for s in (generate(seed, COMPOSE) for seed in SEEDS)]
+    assert np.mean(worst) >= 0.9 and min(worst) >= 0.85, worst
+
+
+def test_ground_truth_blurred_by_0_7_px_keeps_every_reference_consistent():
+    for seed in SEEDS:
+        s = generate(seed, TaskConfig(max_refs=4))
+        r = score(s.target.filter(ImageFilter.GaussianBlur(0.7)), s)
+        assert r.worst_ref >= 0.85 and r.instruction == 1.0, (s.task, r)
+
+
+def test_softness_still_costs_quality():
+    s = generate(0, COMPOSE)  # a large grid background: plenty of sharp structure
+    assert score(_down_up(s.target), s).quality < 0.9 < 0.999 < score(s.target, s).quality
+
+
+def test_output_smaller_than_target_is_judged_at_its_own_resolution():
+    s = generate(4, COMPOSE)
+    half = s.target.resize((s.target.width // 2, s.target.height // 2), Image.Resampling.LANCZOS)
+    r = score(half, s)
+    assert r.details["analysis_sigma"] > score(s.target, s).details["analysis_sigma"]
+    assert r.worst_ref >= 0.85, r
