@@ -3,7 +3,7 @@ import json
 from typer.testing import CliRunner
 
 from uniref.cli import _register, app
-from uniref.cli.data import SPLIT_SPAN, split_seed
+from uniref.data.splits import SPLIT_SPAN, split_samples, split_seed
 
 _register()
 runner = CliRunner()
@@ -55,3 +55,12 @@ def test_bad_options_fail_with_one_line_and_exit_2(tmp_path):
             assert exc.code == 2, args
         else:
             raise AssertionError(f"{args} did not fail")
+
+
+def test_split_samples_are_the_samples_data_make_writes(tmp_path):
+    out = tmp_path / "val"
+    r = runner.invoke(app, ["data", "make", "--out", str(out), "--n", "3", "--split", "val", "--seed", "7"])
+    assert r.exit_code == 0, r.output
+    samples = split_samples("val", 3, seed=7)
+    assert [s.spec["seed"] for s in samples] == [row["spec"]["seed"] for row in _rows(out)]
+    assert [s.instruction for s in samples] == [row["instruction"] for row in _rows(out)]
