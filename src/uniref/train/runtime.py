@@ -47,17 +47,9 @@ def build_model(section: ModelSection, device: torch.device) -> EditModel:
         weights, ema, _ = load_checkpoint(section.init_from)
         model.denoiser().load_state_dict(_strip_ema(ema) if ema else weights)
     if section.lora.enabled:
-        from peft import LoraConfig, inject_adapter_in_model
+        from uniref.train.lora import inject_lora
 
-        lora = section.lora
-        net = model.denoiser()
-        net.requires_grad_(False)
-        inject_adapter_in_model(
-            LoraConfig(
-                r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules
-            ),
-            net,
-        )
+        inject_lora(model.denoiser(), section.lora)
     if section.gradient_checkpointing:
         enable = getattr(model.denoiser(), "enable_gradient_checkpointing", None)
         if enable is None:

@@ -104,6 +104,10 @@ def train_sft(config: SFTConfig, hooks: Any = None) -> RunSummary:
             if rt.stop_requested:
                 break
     interrupted = rt.stop_requested
+    if config.model.lora.enabled and rt.is_main:
+        from uniref.train.lora import export_lora
+
+        export_lora(rt.unwrapped, rt.out / "lora", config.model.lora)
     rt.close()
     return RunSummary(step + 1 if losses else start, losses, rt.skipped_nonfinite, interrupted)
 
