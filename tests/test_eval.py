@@ -35,10 +35,10 @@ class _OraclePipe:
         self.blank = blank
         self.calls = 0
 
-    def generate(self, instructions, refs, sizes, **kwargs):
+    def generate(self, instructions, refs, size=None, *, target_like, **kwargs):
         self.calls += 1
         out = []
-        for r, size in zip(refs, sizes, strict=True):
+        for r, size in zip(refs, target_like, strict=True):
             img = Image.new("RGB", (size.width, size.height), (128, 128, 128)) if self.blank else self.targets[id(r[0])]
             out.append(img)
         return _Result(out)

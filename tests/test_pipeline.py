@@ -202,3 +202,11 @@ def test_timings_are_reported(pipe):
 def test_batch_length_mismatch_is_an_error(pipe):
     with pytest.raises(ValueError, match="2 instructions but 1 reference lists"):
         pipe(["a", "b"], [[_image(16, 16, 1)]], progress=False)
+
+
+def test_target_like_sets_the_output_aspect_at_the_target_budget(pipe):
+    refs = [_image(48, 48, 0), _image(40, 80, 1)]
+    result = pipe.generate("put", refs, steps=1, progress=False, target_like=Size(300, 100))
+    target = result.target_sizes[0]
+    assert target.area <= pipe.model.spec.target_budget
+    assert abs(target.aspect / 3.0 - 1) < 0.35  # 3:1 at the budget, not the last reference's 1:2

@@ -161,13 +161,15 @@ def evaluate(
     batch_size: int = 8,
     seed: int = 0,
     budget: int | str | None = None,
+    target_budget: int | str | None = None,
     mode: PlanMode | str = PlanMode.GLOBAL,
     progress: bool = True,
     keep_outputs: bool = False,
     total: int | None = None,
 ) -> EvalReport:
     """Generate an output for every sample (in batches; mixed K in one batch is fine, the pipeline packs
-    them) at the sample's target size, score it against the sample with the exact metrics, aggregate.
+    them) with the aspect of the sample's target at the model's target budget (or ``target_budget``),
+    score it against the sample with the exact metrics (which judge any output size), aggregate.
 
     Sample ``i`` uses noise seed ``seed + i`` whatever the batch size, so results do not depend on it.
     ``keep_outputs`` keeps the generated images in the report (for the worst-case grid). ``total`` sizes
@@ -187,13 +189,14 @@ def evaluate(
             result = pipe.generate(
                 [s.instruction for s in batch],
                 [s.refs for s in batch],
-                [sc.size for sc in scorers],
                 steps=steps,
                 guidance=guidance,
                 seed=seed + index,
                 budget=budget,
+                target_budget=target_budget,
                 mode=mode,
                 progress=False,
+                target_like=[sc.size for sc in scorers],
             )
             for s, sc, img in zip(batch, scorers, result.images, strict=True):
                 records.append(SampleRecord(index=index, task=s.task, k=s.k, score=sc(img)))
@@ -203,7 +206,14 @@ def evaluate(
             bar.update(len(batch))
     finally:
         bar.close()
-    settings = {"steps": steps, "guidance": guidance, "seed": seed, "budget": budget, "mode": PlanMode(mode).value}
+    settings = {
+        "steps": steps,
+        "guidance": guidance,
+        "seed": seed,
+        "budget": budget,
+        "target_budget": target_budget,
+        "mode": PlanMode(mode).value,
+    }
     return EvalReport.from_records(records, settings, outputs)
 
 

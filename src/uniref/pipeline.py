@@ -107,13 +107,17 @@ class EditPipeline:
         budget: int | str | None = None,
         target_budget: int | str | None = None,
         mode: PlanMode | str = PlanMode.GLOBAL,
+        like: Size | None = None,
     ) -> tuple[Plan, Size]:
-        """Reference plan and target size of one request (the only sizes the pipeline uses)."""
+        """Reference plan and target size of one request (the only sizes the pipeline uses).
+
+        The target is ``size`` if given, else the best size under the target budget with the aspect
+        of ``like`` (default: the last reference, as diffusers)."""
         spec = self.model.spec
         ref_budget = parse_budget(budget) if budget is not None else spec.ref_budget
         out_budget = parse_budget(target_budget) if target_budget is not None else spec.target_budget
         ref_plan = plan([image_size(r) for r in refs], ref_budget, spec.plan_multiple, mode)
-        like = image_size(refs[-1])  # diffusers takes the output aspect from the last image
+        like = like or image_size(refs[-1])
         target = plan_target(out_budget, spec.plan_multiple, size=size, like=like, mode=mode)
         return ref_plan, target
 
@@ -169,10 +173,13 @@ class EditPipeline:
         progress: bool = True,
         decode: bool = True,
         capacity: int | None = None,
+        target_like: Size | Sequence[Size | None] | None = None,
     ) -> EditResult:
         """As ``__call__``, returning the full :class:`EditResult` (``decode=False`` skips the VAE;
-        ``capacity`` is the packed row length in tokens, default the longest sample)."""
+        ``capacity`` is the packed row length in tokens, default the longest sample; ``target_like``
+        gives each output the aspect of this size at the target budget, e.g. a ground-truth target's)."""
         instructions, ref_lists, sizes, negatives, seeds = _normalise_batch(instruction, refs, size, negative, seed)
+        likes = _per_request(target_like, len(instructions), "target_like", single=Size)
         model = self.model
         steps = model.default_steps if steps is None else steps
         guidance = model.default_guidance if guidance is None else guidance
@@ -181,8 +188,8 @@ class EditPipeline:
 
         start = time.perf_counter()
         planned = [
-            self.plan_sizes(r, size=s, budget=budget, target_budget=target_budget, mode=mode)
-            for r, s in zip(ref_lists, sizes, strict=True)
+            self.plan_sizes(r, size=s, budget=budget, target_budget=target_budget, mode=mode, like=lk)
+            for r, s, lk in zip(ref_lists, sizes, likes, strict=True)
         ]
         ref_plans = [p for p, _ in planned]
         targets = [t for _, t in planned]
