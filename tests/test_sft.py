@@ -29,6 +29,8 @@ TINY = [
     "log.tensorboard=false",
     "log.progress=false",
     "data.workers=0",
+    "log.val_samples=0",
+    "log.preview_every=1000",
 ]
 
 
@@ -183,3 +185,21 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path: Pa
     assert len(one) == len(two) == 3
     for a, b in zip(one, two, strict=True):
         assert abs(a - b) <= 1e-4 * max(1.0, abs(a))
+
+
+def test_previews_and_validation_use_held_out_samples_and_are_logged(tmp_path: Path) -> None:
+    train_sft(
+        _config(
+            tmp_path,
+            "train.max_steps=2",
+            "log.preview_every=1",
+            "log.val_every=2",
+            "log.val_samples=3",
+            "log.val_steps=1",
+        )
+    )
+    assert sorted(p.name for p in (tmp_path / "previews").iterdir()) == ["step_00000001.png", "step_00000002.png"]
+    report = json.loads((tmp_path / "val" / "step_00000002.json").read_text())
+    assert report["n"] == 3 and 0 <= report["worst_ref_consistency"] <= report["ref_consistency"] <= 1
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert any("val/worst_ref_consistency" in r for r in rows)

@@ -20,6 +20,7 @@ import torch.utils.data
 
 from uniref.data import SizeRange, TaskConfig, generate, parse_tasks
 from uniref.data.sample import Sample
+from uniref.data.splits import split_seed
 from uniref.errors import ConfigError, DataError
 
 
@@ -28,8 +29,8 @@ class SampleSource(Protocol):
 
 
 class SceneSource:
-    """Sample ``n`` is ``generate(seed_offset + n)`` under a task family drawn from ``task_mix`` by a
-    generator seeded with the same number."""
+    """Sample ``n`` is ``generate(seed_offset + n)`` (in the train seed range) under a task family
+    drawn from ``task_mix`` by a generator seeded with the same number."""
 
     def __init__(self, task_mix: dict[str, float], max_refs: int, size_range: str, seed_offset: int = 0) -> None:
         try:
@@ -44,7 +45,7 @@ class SceneSource:
         self.seed_offset = seed_offset
 
     def sample(self, index: int) -> Sample:
-        seed = self.seed_offset + index
+        seed = split_seed("train", self.seed_offset, index)  # never a val or test seed
         family = int(np.searchsorted(self.cumulative, np.random.default_rng(seed).random(), side="right"))
         return generate(seed, self.configs[min(family, len(self.configs) - 1)])
 

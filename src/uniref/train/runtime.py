@@ -247,15 +247,20 @@ class Runtime:
                 signal.signal(sig, handler)
 
     @contextlib.contextmanager
-    def ema_weights(self) -> Iterator[None]:
-        """Temporarily swap the EMA weights into the model (for previews and validation)."""
+    def sampling_model(self) -> Iterator[EditModel]:
+        """The model with its EMA weights, unwrapped and in eval mode, for previews and validation;
+        training weights, wrapper and mode are restored afterwards."""
+        wrapped = self.model.denoiser()
         net = self.unwrapped
-        if self.ema is None:
-            yield
-            return
-        backup = {k: v.detach().clone() for k, v in net.state_dict().items()}
-        net.load_state_dict(_strip_ema(self.ema.state_dict()), strict=False)
+        backup = {k: v.detach().clone() for k, v in net.state_dict().items()} if self.ema is not None else None
+        if self.ema is not None:
+            net.load_state_dict(_strip_ema(self.ema.state_dict()), strict=False)
+        self.model.set_denoiser(net)
+        net.eval()
         try:
-            yield
+            yield self.model
         finally:
-            net.load_state_dict(backup)
+            net.train()
+            if backup is not None:
+                net.load_state_dict(backup)
+            self.model.set_denoiser(wrapped)

@@ -26,6 +26,7 @@ from uniref.errors import ConfigError
 from uniref.train.batch import flow_loss, make_batch
 from uniref.train.config import SFTConfig
 from uniref.train.data import StepBatches, build_source, step_loader
+from uniref.train.observe import Observer
 from uniref.train.runtime import Runtime, build_model
 
 
@@ -58,6 +59,7 @@ def train_sft(config: SFTConfig, hooks: Any = None) -> RunSummary:
         return size
 
     batches = StepBatches(batch_size_at, start, total, rt.rank, rt.world)
+    observer = Observer(config, rt)
     loader = step_loader(source, batches, config.data.workers)
 
     losses: list[float] = []
@@ -99,6 +101,7 @@ def train_sft(config: SFTConfig, hooks: Any = None) -> RunSummary:
             done = step + 1
             if done % config.log.checkpoint_every == 0 or done == total or rt.stop_requested:
                 rt.save(done)
+            observer.after_step(done, index, final=done == total)
             if hooks is not None:
                 hooks.after_step(done, rt)
             if rt.stop_requested:
