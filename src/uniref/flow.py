@@ -5,12 +5,14 @@ Convention (as diffusers and Qwen-Image): σ = 1 is pure noise, σ = 0 is data, 
     x_t = (1 − σ)·x_0 + σ·ε,        v = dx_t/dσ = ε − x_0.
 
 Sampling integrates from σ = 1 down to σ = 0 with Euler steps ``x ← x + (σ_next − σ)·v``.
-The SDE step and its log-probability (MSGRPO) live with the RL code, not here.
+The Flow-GRPO SDE step, its Gaussian log-probability and the SDE window (MSGRPO) are at the end;
+group advantages and the policy loss are in :mod:`uniref.train.grpo`.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -117,3 +119,121 @@ def add_noise(x_0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor | floa
 def velocity_target(x_0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """The flow-matching regression target ``v = ε − x_0`` (constant along the straight path)."""
     return noise - x_0
+
+
+# --- Flow-GRPO SDE step and log-prob (MSGRPO) -------------------------------------------------------------------
+
+# std_t = a·sqrt(σ/(1−σ)) is infinite at σ = 1 (the first step of every schedule). As Flow-GRPO, the σ in the
+# denominator is capped: std_t = a·sqrt(σ / (1 − min(σ, σ_cap))). Flow-GRPO caps at the schedule's second sigma
+# (pass ``sigma_cap=float(sigmas[1])`` to reproduce it); the default 0.99 is about that value for 25 steps under
+# Qwen-Image's shift (σ_1 ≈ 0.99 at 1024²), and only σ above the cap are affected.
+SDE_SIGMA_CAP = 0.99
+_LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
+
+
+@dataclass
+class SDEStep:
+    """One stochastic step σ → σ_next; tensors in the work dtype (float32, or float64 when given float64)."""
+
+    x_next: torch.Tensor  # (B, ...) the sampled next state
+    mean: torch.Tensor  # (B, ...) μ, the Gaussian mean of x_next (carries the gradient of v)
+    std: torch.Tensor  # (B, 1, ...) or () step std  std_t·sqrt(−dt), broadcastable to x
+    log_prob: torch.Tensor  # (B,) log N(x_next; μ, std²) averaged over the non-batch dims
+
+
+def _per_sample(value: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A scalar or (B,) sigma as a tensor of ``like``'s dtype that broadcasts against it: () or (B, 1, ..., 1)."""
+    t = torch.as_tensor(value, dtype=like.dtype, device=like.device)
+    if t.dim() > 0:
+        t = t.reshape(t.shape + (1,) * (like.dim() - t.dim()))
+    return t
+
+
+def sde_std_t(sigma: torch.Tensor, noise_level: float, sigma_cap: float = SDE_SIGMA_CAP) -> torch.Tensor:
+    """Diffusion coefficient ``std_t = a·sqrt(σ / (1 − min(σ, σ_cap)))`` (finite at σ = 1, see SDE_SIGMA_CAP)."""
+    return noise_level * torch.sqrt(sigma / (1 - sigma.clamp(max=sigma_cap)))
+
+
+def sde_step(
+    x: torch.Tensor,
+    v: torch.Tensor,
+    sigma: float | torch.Tensor,
+    sigma_next: float | torch.Tensor,
+    noise_level: float,
+    *,
+    noise: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    x_next: torch.Tensor | None = None,
+    sigma_cap: float = SDE_SIGMA_CAP,
+) -> SDEStep:
+    """One Flow-GRPO SDE step (yifan123/flow_grpo ``sd3_sde_with_logprob``), ``dt = σ_next − σ < 0``:
+
+        std_t  = a·sqrt(σ / (1 − σ))                          (σ capped in the denominator, see SDE_SIGMA_CAP)
+        μ      = x·(1 + std_t²/(2σ)·dt) + v·(1 + std_t²·(1 − σ)/(2σ))·dt
+        x_next = μ + std_t·sqrt(−dt)·ε,                       ε ~ N(0, I)
+        logp   = mean over non-batch dims of  −(x_next − μ)²/(2·s²) − log s − log sqrt(2π),   s = std_t·sqrt(−dt)
+
+    The SDE shares the ODE's marginals: with a = 0 it is exactly :func:`euler_step` (μ = x + dt·v, s = 0; the
+    log-prob of a deterministic step is undefined and comes out NaN — do not train such steps). ``std_t²/(2σ)``
+    is evaluated as ``a²/(2(1 − min(σ, σ_cap)))``, the same value without a division by σ.
+
+    ``sigma``/``sigma_next``: floats or (B,) tensors. ``noise``: ε (default: drawn with ``generator``).
+    ``x_next``: score a given next state instead of sampling one (the trainer recomputes the log-prob of the
+    stored rollout under the current policy's μ). Computed in float32 (float64 if ``x`` or ``v`` is float64,
+    and always fp32 or wider: bf16 rounding moves the policy ratio off 1).
+    """
+    work = torch.promote_types(torch.promote_types(x.dtype, v.dtype), torch.float32)
+    x, v = x.to(work), v.to(work)
+    sigma_t = _per_sample(sigma, x)
+    dt = _per_sample(sigma_next - sigma, x)  # differenced before the cast, as euler_step does: a = 0 matches it bitwise
+    std_t = sde_std_t(sigma_t, noise_level, sigma_cap)
+    std_sq_over_2sigma = noise_level**2 / (2 * (1 - sigma_t.clamp(max=sigma_cap)))  # = std_t²/(2σ)
+    mean = x * (1 + std_sq_over_2sigma * dt) + v * (1 + std_sq_over_2sigma * (1 - sigma_t)) * dt
+    std = std_t * torch.sqrt(-dt)
+    if x_next is None:
+        if noise is None:
+            noise = torch.randn(x.shape, generator=generator, dtype=work, device=x.device)
+        x_next = mean + std * noise.to(work)
+    else:
+        x_next = x_next.to(work)
+    return SDEStep(x_next=x_next, mean=mean, std=std, log_prob=sde_log_prob(x_next, mean, std))
+
+
+def sde_log_prob(x_next: torch.Tensor, mean: torch.Tensor, std: torch.Tensor | float) -> torch.Tensor:
+    """(B,) Gaussian log-density of ``x_next`` under N(mean, std²), averaged over all non-batch dims:
+
+        logp = mean_dims( −(x_next − μ)²/(2·std²) − log std − log sqrt(2π) )
+
+    ``std`` broadcasts against ``x_next`` (scalar or (B, 1, ...)). Computed in float32 or wider. The average
+    (not the sum) over dims is Flow-GRPO's: it keeps the ratio exp(logp − logp_old) near 1 whatever the size.
+    """
+    work = torch.promote_types(torch.promote_types(x_next.dtype, mean.dtype), torch.float32)
+    x_next, mean = x_next.to(work), mean.to(work)
+    std = torch.as_tensor(std, dtype=work, device=x_next.device)
+    log_density = -((x_next - mean) ** 2) / (2 * std**2) - torch.log(std) - _LOG_SQRT_2PI
+    return log_density.mean(dim=tuple(range(1, x_next.dim())))
+
+
+def sde_window(
+    num_steps: int, window_size: int, *, start: int | None = None, generator: torch.Generator | None = None
+) -> range:
+    """The step indices that are stochastic (SDE) and trained; every other step is an ODE (Euler) step.
+
+    Step ``i`` goes σ_i → σ_{i+1} of a ``num_steps``-step schedule. The last, lowest-noise step (i = N − 1,
+    to σ = 0) is never in the window: its Gaussian is too sharp to train (Flow-GRPO). The window is the
+    ``window_size`` consecutive steps from ``start``; ``start = None`` draws it uniformly from the valid
+    positions ``0 .. N − 1 − window_size`` with ``generator`` (Flow-GRPO-Fast / MixGRPO; a MixGRPO-style sliding
+    window passes its own ``start``). ``window_size = N − 1`` is the full trajectory of Flow-GRPO.
+    """
+    trainable = num_steps - 1  # steps 0 .. N-2
+    if not 1 <= window_size <= trainable:
+        raise ValueError(
+            f"SDE window of {window_size} steps in a {num_steps}-step schedule: need 1 <= window <= {trainable} "
+            "(the last step is never stochastic)"
+        )
+    last_start = trainable - window_size
+    if start is None:
+        start = int(torch.randint(last_start + 1, (1,), generator=generator).item())
+    elif not 0 <= start <= last_start:
+        raise ValueError(f"SDE window start {start}: need 0 <= start <= {last_start} for {window_size} of {num_steps}")
+    return range(start, start + window_size)
