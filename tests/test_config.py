@@ -60,7 +60,13 @@ def test_resolved_config_is_saved_and_reloads_identically(tmp_path: Path) -> Non
     assert load_config(TrainingConfig, path) == cfg
 
 
-def test_shipped_configs_are_valid() -> None:
-    """Every YAML under configs/ parses (the training configs are validated by their own tests)."""
-    for path in sorted(Path(__file__).parent.parent.joinpath("configs").glob("*.yaml")):
-        assert isinstance(read_yaml(path), dict)
+def test_shipped_sft_configs_validate_and_take_the_common_overrides(tmp_path: Path) -> None:
+    from uniref.train.config import SFTConfig
+
+    paths = sorted(Path(__file__).parent.parent.joinpath("configs").glob("*sft*.yaml"))
+    assert paths
+    for path in paths:
+        cfg = load_config(SFTConfig, path, ["train.max_steps=3", f"run.output_dir={tmp_path}"])
+        assert cfg.train.max_steps == 3 and cfg.run.output_dir == tmp_path
+        budgets = [s.budget for s in cfg.stages]
+        assert budgets == sorted(budgets) and len(budgets) == 3  # the progressive schedule

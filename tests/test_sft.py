@@ -203,3 +203,25 @@ def test_previews_and_validation_use_held_out_samples_and_are_logged(tmp_path: P
     assert report["n"] == 3 and 0 <= report["worst_ref_consistency"] <= report["ref_consistency"] <= 1
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert any("val/worst_ref_consistency" in r for r in rows)
+
+
+@pytest.mark.slow
+def test_sft_runs_the_qwen_image_edit_adapter_through_the_same_loop(tmp_path: Path) -> None:
+    """One code path: LoRA SFT of a (tiny random) diffusers Qwen-Image-Edit folder, with resume."""
+    qwen_tiny = pytest.importorskip("qwen_tiny")
+    folder = qwen_tiny.save_folder(qwen_tiny.build_components(zero_cond_t=True), tmp_path / "qwen")
+    overrides = [
+        o for o in TINY if not o.startswith(("model.", "stages=", "loss."))
+    ] + [
+        f"model.name={folder}",
+        "model.lora.enabled=true",
+        "model.lora.rank=4",
+        "model.lora.alpha=4",
+        "stages=[{budget: 64, steps: 4, batch_size: 2}]",
+        "optim.ema_decay=0",
+    ]
+    first = train_sft(_config(tmp_path / "run", "train.max_steps=1", *overrides))
+    second = train_sft(_config(tmp_path / "run", "train.max_steps=2", *overrides))
+    assert first.steps == 1 and second.steps == 2
+    assert all(torch.isfinite(torch.tensor(first.losses + second.losses)))
+    assert (tmp_path / "run" / "lora" / "pytorch_lora_weights.safetensors").is_file()

@@ -108,3 +108,20 @@ def test_planning_uses_the_models_multiple() -> None:
     result = plan([Size(300, 200), Size(90, 120)], model.spec.ref_budget, model.spec.plan_multiple)
     assert all(s.width % 8 == 0 and s.height % 8 == 0 for s in result.sizes)
     assert result.total_pixels <= 64 * 64
+
+
+def test_gradient_checkpointing_gives_the_same_gradients() -> None:
+    grads = []
+    for checkpointing in (False, True):
+        model = build_tiny(SMALL, seed=4)
+        for p in model.net.parameters():
+            p.data.add_(0.05 * torch.randn_like(p, generator=torch.Generator().manual_seed(p.numel())))
+        if checkpointing:
+            model.net.enable_gradient_checkpointing()
+        model.net.train()
+        batch = pack_sequences([_sample(model, [(2, 2), (1, 3)], 0)])
+        cond = model.encode_condition(["put the red circle"], [[]], [[]])
+        model.velocity(batch, cond, torch.tensor([0.4])).pow(2).mean().backward()
+        grads.append([p.grad.clone() for p in model.net.parameters()])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b)

@@ -30,7 +30,8 @@ METRICS_FILE = "metrics.jsonl"
 
 def build_model(section: ModelSection, device: torch.device) -> EditModel:
     """Load the configured model, optionally start from a checkpoint's weights, add LoRA."""
-    kwargs: dict[str, Any] = {"device": str(device)}
+    dtype = torch.bfloat16 if section.dtype == "bf16" else torch.float32
+    kwargs: dict[str, Any] = {"device": str(device), "dtype": dtype}
     if section.name in ("tiny-random",) and section.tiny:
         from uniref.models.tiny import TinyConfig, build_tiny
 
@@ -38,7 +39,7 @@ def build_model(section: ModelSection, device: torch.device) -> EditModel:
             model: EditModel = build_tiny(TinyConfig(**section.tiny), name="tiny-random")
         except TypeError as exc:
             raise ConfigError(f"model.tiny: {exc}") from None
-        model.denoiser().to(device)
+        model.denoiser().to(device=device, dtype=dtype)
     else:
         if section.path is not None:
             kwargs["path"] = section.path
