@@ -57,7 +57,7 @@ REF_WEIGHT = "ref"  # key of ``weights`` shared by all per-reference sources
 # Added to the group std in the denominator (Flow-GRPO's 1e-4): keeps the division finite just above min_std.
 ADV_EPS = 1e-4
 # A source whose std within a group is below this contributes 0 there. Rewards are in [0, 1]; 1e-3 is a
-# tenth of the judge's resolution (0-10 integer scores → steps of 0.1) and far above float/resampling noise
+# hundredth of the judge's resolution (0-10 integer scores → steps of 0.1) and far above float noise
 # of the exact metrics, so only groups that really agree are silenced.
 MIN_GROUP_STD = 1e-3
 ADV_CLIP = 5.0  # |advantage| cap (Flow-GRPO)
