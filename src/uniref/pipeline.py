@@ -75,6 +75,19 @@ class EditResult:
     timings: Timings = field(default_factory=Timings)
 
 
+@dataclass
+class Prepared:
+    """A batch ready to denoise: one SELF sequence per request (target tokens are the initial noise)."""
+
+    sequences: list[SelfSequence]
+    cond: Conditioning
+    neg_cond: Conditioning | None  # None when guidance is off
+    ref_plans: list[Plan]
+    targets: list[Size]
+    schedules: list[torch.Tensor]  # per request (steps + 1,)
+    guidance: float
+
+
 class EditPipeline:
     """Multi-reference editing with any :class:`EditModel` (see the module docstring)."""
 
@@ -178,15 +191,60 @@ class EditPipeline:
         """As ``__call__``, returning the full :class:`EditResult` (``decode=False`` skips the VAE;
         ``capacity`` is the packed row length in tokens, default the longest sample; ``target_like``
         gives each output the aspect of this size at the target budget, e.g. a ground-truth target's)."""
+        timings = Timings(load=self.load_seconds)
+        start = time.perf_counter()
+        prep = self.prepare(
+            instruction,
+            refs,
+            size,
+            steps=steps,
+            guidance=guidance,
+            negative=negative,
+            seed=seed,
+            budget=budget,
+            target_budget=target_budget,
+            mode=mode,
+            target_like=target_like,
+        )
+        timings.encode = time.perf_counter() - start
+
+        start = time.perf_counter()
+        final = self._denoise(
+            prep.sequences, prep.cond, prep.neg_cond, prep.schedules, prep.guidance, progress, capacity
+        )
+        latents = [seq.target_latent(x) for seq, x in zip(prep.sequences, final, strict=True)]  # each (C, h, w)
+        timings.denoise = time.perf_counter() - start
+
+        images: list[Image.Image] = []
+        if decode:
+            start = time.perf_counter()
+            images = self.decode(latents)
+            timings.decode = time.perf_counter() - start
+        self.last_result = EditResult(images, latents, prep.ref_plans, prep.targets, prep.schedules, timings)
+        return self.last_result
+
+    def prepare(
+        self,
+        instruction: str | Sequence[str],
+        refs: Sequence[Image.Image] | Sequence[Sequence[Image.Image]],
+        size: Size | Sequence[Size | None] | None = None,
+        *,
+        steps: int | None = None,
+        guidance: float | None = None,
+        negative: str | Sequence[str] | None = None,
+        seed: int | Sequence[int] = 0,
+        budget: int | str | None = None,
+        target_budget: int | str | None = None,
+        mode: PlanMode | str = PlanMode.GLOBAL,
+        target_like: Size | Sequence[Size | None] | None = None,
+    ) -> Prepared:
+        """Everything before denoising (sizes, conditioning, reference latents, noise, SELF sequences,
+        schedules), for samplers of their own such as MSGRPO's SDE rollouts."""
         instructions, ref_lists, sizes, negatives, seeds = _normalise_batch(instruction, refs, size, negative, seed)
         likes = _per_request(target_like, len(instructions), "target_like", single=Size)
         model = self.model
         steps = model.default_steps if steps is None else steps
         guidance = model.default_guidance if guidance is None else guidance
-        timings = Timings(load=self.load_seconds)
-        do_cfg = guidance > 1.0
-
-        start = time.perf_counter()
         planned = [
             self.plan_sizes(r, size=s, budget=budget, target_budget=target_budget, mode=mode, like=lk)
             for r, s, lk in zip(ref_lists, sizes, likes, strict=True)
@@ -195,32 +253,18 @@ class EditPipeline:
         targets = [t for _, t in planned]
         ref_sizes = [list(p.sizes) for p in ref_plans]
         cond = model.encode_condition(instructions, ref_lists, ref_sizes)
-        neg_cond = model.encode_condition(negatives, ref_lists, ref_sizes) if do_cfg else None
+        neg_cond = model.encode_condition(negatives, ref_lists, ref_sizes) if guidance > 1.0 else None
         ref_latents = self._encode_refs(ref_lists, ref_sizes)
         sequences = [
-            build_sequence(
-                self._noise(target, s),
-                lats,
-                model.spec.patch_size,
-                model.spec.centred_positions,
-            )
+            build_sequence(self._noise(target, s), lats, model.spec.patch_size, model.spec.centred_positions)
             for target, s, lats in zip(targets, seeds, ref_latents, strict=True)
         ]
-        timings.encode = time.perf_counter() - start
-
-        start = time.perf_counter()
         schedules = [flow.sigmas(steps, seq.num_target_tokens, model.spec.schedule) for seq in sequences]
-        final = self._denoise(sequences, cond, neg_cond, schedules, guidance, progress, capacity)
-        latents = [seq.target_latent(x) for seq, x in zip(sequences, final, strict=True)]  # each (C, h, w)
-        timings.denoise = time.perf_counter() - start
+        return Prepared(sequences, cond, neg_cond, ref_plans, targets, schedules, guidance)
 
-        images: list[Image.Image] = []
-        if decode:
-            start = time.perf_counter()
-            images = [to_pil(img) for img in model.decode_latents(latents)]
-            timings.decode = time.perf_counter() - start
-        self.last_result = EditResult(images, latents, ref_plans, targets, schedules, timings)
-        return self.last_result
+    def decode(self, latents: Sequence[torch.Tensor]) -> list[Image.Image]:
+        """Target latents (C, h, w) -> PIL images."""
+        return [to_pil(img) for img in self.model.decode_latents(latents)]
 
     # --- stages -------------------------------------------------------------------------------
 
