@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -105,3 +106,25 @@ class SFTConfig(TrainingConfig):
 
     def stage_start(self, index: int) -> int:
         return sum(s.steps for s in self.stages[:index])
+
+    def lr_factor(self, step: int) -> float:
+        """Multiplier of ``optim.lr`` at ``step``. The cosine spans the curriculum (the stages), not
+        train.max_steps, so stopping early and rerunning with a larger max_steps follows exactly the
+        schedule of one uninterrupted run."""
+        index, stage = self.stage_at(step)
+        start = self.stage_start(index)
+        warm = warmup(step, self.optim.warmup_steps)
+        if stage.warmup_steps:
+            warm = min(warm, warmup(step - start, stage.warmup_steps))
+        return stage.lr_scale * warm * cosine(step, self.stage_start(len(self.stages)), self.optim.min_lr_ratio)
+
+
+def warmup(step: int, steps: int) -> float:
+    """Linear warm-up: (step + 1) / steps, then 1."""
+    return min(1.0, (step + 1) / steps) if steps else 1.0
+
+
+def cosine(step: int, total: int, floor: float) -> float:
+    """Cosine from 1 at step 0 to ``floor`` at ``total`` (and after)."""
+    progress = min(1.0, step / max(1, total))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))

@@ -44,15 +44,13 @@ class Observer:
             self._val = split_samples("val", max(n, PREVIEW_SAMPLES), self.task_config)
         return self._val[:n]
 
-    def after_step(self, step: int, stage_index: int, final: bool = False) -> None:
+    def after_step(self, step: int, budget: int, target_budget: int, final: bool = False) -> None:
+        """``budget`` and ``target_budget`` as the pipeline takes them: a side (64 means 64² pixels)."""
         log = self.config.log
         preview = step % log.preview_every == 0 or final
         validate = log.val_samples > 0 and (step % log.val_every == 0 or final)
         if not self.rt.is_main or not (preview or validate):
             return
-        stage = self.config.stages[stage_index]
-        # Budgets as the pipeline takes them: a side length (64 means 64² pixels).
-        budget, target_budget = stage.budget, stage.target_budget or stage.budget
         with self.rt.sampling_model() as model:
             pipe = EditPipeline(model)
             if preview:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -23,7 +22,7 @@ from uniref.config import save_config
 from uniref.errors import ConfigError
 from uniref.models import EditModel, load_model
 from uniref.train.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from uniref.train.config import ModelSection, OptimSection
+from uniref.train.config import ModelSection
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -62,17 +61,6 @@ def build_model(section: ModelSection, device: torch.device) -> EditModel:
 def _strip_ema(ema: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """AveragedModel state (``module.`` prefix, ``n_averaged``) -> plain module state."""
     return {k.removeprefix("module."): v for k, v in ema.items() if k != "n_averaged"}
-
-
-def lr_factor(step: int, total: int, optim: OptimSection, stage_start: int, stage_warmup: int, scale: float) -> float:
-    """Warm-up, then cosine from 1 to ``min_lr_ratio`` over the run; a stage may add its own warm-up
-    (after a budget change) and scale the rate."""
-    warm = min(1.0, (step + 1) / optim.warmup_steps) if optim.warmup_steps else 1.0
-    if stage_warmup:
-        warm = min(warm, (step - stage_start + 1) / stage_warmup)
-    progress = min(1.0, step / max(1, total))
-    cosine = optim.min_lr_ratio + (1 - optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    return scale * warm * cosine
 
 
 class Runtime:
@@ -145,12 +133,7 @@ class Runtime:
         return {k: v for k, v in net.state_dict().items() if k in names or not self.config.model.lora.enabled}
 
     def _lr_lambda(self, step: int) -> float:
-        cfg = self.config
-        index, stage = cfg.stage_at(step)
-        # The cosine spans the curriculum (the stages), not train.max_steps, so that stopping early and
-        # rerunning with a larger max_steps follows exactly the schedule of one uninterrupted run.
-        total = cfg.stage_start(len(cfg.stages))
-        return lr_factor(step, total, cfg.optim, cfg.stage_start(index), stage.warmup_steps, stage.lr_scale)
+        return self.config.lr_factor(step)
 
     # --- resume -------------------------------------------------------------------------------
 

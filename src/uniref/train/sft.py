@@ -101,7 +101,7 @@ def train_sft(config: SFTConfig, hooks: Any = None) -> RunSummary:
             done = step + 1
             if done % config.log.checkpoint_every == 0 or done == total or rt.stop_requested:
                 rt.save(done)
-            observer.after_step(done, index, final=done == total)
+            observer.after_step(done, stage.budget, stage.target_budget or stage.budget, final=done == total)
             if hooks is not None:
                 hooks.after_step(done, rt)
             if rt.stop_requested:
