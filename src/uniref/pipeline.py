@@ -19,6 +19,7 @@ diffusers it does not also require a negative prompt: the default negative is Qw
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -300,19 +301,13 @@ class EditPipeline:
     ) -> list[torch.Tensor]:
         """Euler-integrate every sample's target tokens; references stay clean. Returns per sample
         the final target tokens (L_target_i, D)."""
-        txt_lens = [max(c.shape[0] for c in pair) for pair in zip(cond.txt, (neg_cond or cond).txt, strict=True)]
-        batch = pack_sequences(sequences, capacity, extra_lengths=txt_lens)
+        batch = pack_for_denoising(sequences, cond, neg_cond, capacity)
         self.last_packing = batch.rows
         xs = [seq.tokens[: seq.num_target_tokens].clone() for seq in sequences]  # each (L_t, D)
-        device = self.model.device
         steps = len(schedules[0]) - 1
         for i in tqdm(range(steps), desc="denoise", disable=not progress, leave=False):
-            _write_targets(batch, xs)
-            sigma = torch.stack([s[i] for s in schedules]).to(device, torch.float32)  # (B,)
-            v = batch.target_tokens(self.model.velocity(batch, cond, sigma))
-            if neg_cond is not None:
-                v_neg = batch.target_tokens(self.model.velocity(batch, neg_cond, sigma))
-                v = [flow.true_cfg(c, u, guidance) for c, u in zip(v, v_neg, strict=True)]
+            sigma = torch.stack([s[i] for s in schedules])  # (B,)
+            v = target_velocity(self.model, batch, xs, cond, neg_cond, sigma, guidance)
             xs = [
                 flow.euler_step(x, vi, s[i].float(), s[i + 1].float())
                 for x, vi, s in zip(xs, v, schedules, strict=True)
@@ -320,11 +315,41 @@ class EditPipeline:
         return xs
 
 
-def _write_targets(batch: PackedBatch, xs: Sequence[torch.Tensor]) -> None:
-    """Put each sample's current target tokens into its span of the packed token rows."""
-    values = batch.tokens.values  # (R, C, D)
+def pack_for_denoising(
+    sequences: Sequence[SelfSequence], cond: Conditioning, neg_cond: Conditioning | None, capacity: int | None = None
+) -> PackedBatch:
+    """Pack SELF sequences into rows, leaving room for the longer of each sample's two prompts."""
+    txt_lens = [max(c.shape[0] for c in pair) for pair in zip(cond.txt, (neg_cond or cond).txt, strict=True)]
+    return pack_sequences(sequences, capacity, extra_lengths=txt_lens)
+
+
+def target_velocity(
+    model: EditModel,
+    batch: PackedBatch,
+    xs: Sequence[torch.Tensor],
+    cond: Conditioning,
+    neg_cond: Conditioning | None,
+    sigma: torch.Tensor,
+    guidance: float,
+) -> list[torch.Tensor]:
+    """Each sample's (guided) velocity at its current target tokens ``xs`` and noise level ``sigma`` (B,):
+    the model's velocity, or true CFG with norm rescale when ``neg_cond`` is given."""
+    batch = with_targets(batch, xs)
+    sigma = sigma.to(model.device, torch.float32)
+    v = batch.target_tokens(model.velocity(batch, cond, sigma))
+    if neg_cond is None:
+        return v
+    v_neg = batch.target_tokens(model.velocity(batch, neg_cond, sigma))
+    return [flow.true_cfg(c, u, guidance) for c, u in zip(v, v_neg, strict=True)]
+
+
+def with_targets(batch: PackedBatch, xs: Sequence[torch.Tensor]) -> PackedBatch:
+    """A copy of ``batch`` whose target spans hold ``xs`` (fresh token storage: a forward pass kept for
+    backward must not see its input overwritten by the next step)."""
+    values = batch.tokens.values.clone()  # (R, C, D)
     for x, (row, start, _) in zip(xs, batch.tokens.spans, strict=True):
         values[row, start : start + x.shape[0]] = x.to(values.dtype)
+    return dataclasses.replace(batch, tokens=dataclasses.replace(batch.tokens, values=values))
 
 
 def _normalise_batch(

@@ -128,3 +128,51 @@ def cosine(step: int, total: int, floor: float) -> float:
     """Cosine from 1 at step 0 to ``floor`` at ``total`` (and after)."""
     progress = min(1.0, step / max(1, total))
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class RLSection(StrictModel):
+    """MSGRPO sampling and objective (DESIGN §1-2; defaults scaled for the tiny model on CPU)."""
+
+    prompts_per_step: int = Field(4, ge=1, description="prompts (instruction + references) per optimizer step")
+    group_size: int = Field(8, ge=2, description="G: outputs sampled per prompt")
+    sample_steps: int = Field(10, ge=2, description="T: sampler steps of a rollout")
+    noise_level: float = Field(0.7, ge=0, description="a: SDE noise level")
+    window: int = Field(3, ge=1, description="SDE (trained) steps per rollout; sample_steps - 1 = full trajectory")
+    window_start: int | None = Field(None, ge=0, description="first SDE step; None draws it per rollout")
+    guidance: float | None = Field(None, description="true-CFG scale in rollouts; None: the model's default")
+    budget: int = Field(64, gt=0, description="reference budget side (64 means 64² pixels)")
+    target_budget: int | None = Field(None, gt=0, description="output budget side (default: budget)")
+    aggregator: Literal["reconcile", "weighted_sum", "raw_sum"] = "reconcile"
+    weights: dict[str, float] = Field(
+        default_factory=lambda: {"ref": 1.0, "instruction": 0.5, "quality": 0.25},
+        description="per source; 'ref' is shared by the per-reference sources",
+    )
+    tau: float = Field(0.05, gt=0, description="soft-min temperature of the reconcile aggregator")
+    renormalize: bool = Field(False, description="GDPO: re-normalise the combined advantage in its group")
+    adv_clip: float = Field(5.0, gt=0)
+    clip_range: float = Field(1e-4, gt=0, description="PPO ratio clip ε")
+    kl_coef: float = Field(0.0, ge=0, description="β of the KL to the reference policy (the starting weights)")
+
+
+class RewardSection(StrictModel):
+    kind: Literal["scenes", "http", "judge"] = Field("scenes", description="exact metrics, a reward server, a VLM")
+    url: str | None = Field(None, description="base URL of the reward server or OpenAI-compatible judge")
+    judge_model: str | None = Field(None, description="model name for the judge")
+    api_key_env: str = Field("UNIREF_JUDGE_API_KEY", description="environment variable holding the judge's key")
+    timeout: float = Field(60.0, gt=0)
+    max_retries: int = Field(3, ge=0)
+
+
+class RLConfig(TrainingConfig):
+    model: ModelSection = Field(default_factory=lambda: ModelSection(name="tiny"))
+    data: DataSection = Field(
+        default_factory=lambda: DataSection(task_mix={"compose": 0.5, "conflict": 0.3, "edit": 0.2}, max_refs=4)
+    )
+    rl: RLSection = Field(default_factory=RLSection)
+    reward: RewardSection = Field(default_factory=RewardSection)
+    optim: OptimSection = Field(default_factory=lambda: OptimSection(lr=1e-5, warmup_steps=0, ema_decay=0.0))
+    log: LogSection = Field(default_factory=LogSection)
+
+    def lr_factor(self, step: int) -> float:
+        """Warm-up, then constant (Flow-GRPO)."""
+        return warmup(step, self.optim.warmup_steps)
