@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -25,10 +25,27 @@ def sft_command(
     from uniref.train.sft import train_sft
 
     cfg = load_config(SFTConfig, config, ctx.args)
-    summary = train_sft(cfg)
+    _report(train_sft(cfg), cfg)
+
+
+def _report(summary: Any, cfg: Any) -> None:
     status = "interrupted, checkpoint saved" if summary.interrupted else "done"
     typer.echo(
         f"{status}: {summary.steps} steps in {cfg.run.output_dir}"
         + (f" (last loss {summary.losses[-1]:.4f})" if summary.losses else "")
         + (f", {summary.skipped_nonfinite} non-finite steps skipped" if summary.skipped_nonfinite else "")
     )
+
+
+@train_app.command("rl", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def rl_command(
+    ctx: typer.Context,
+    config: Annotated[Path, typer.Option(help="YAML config, e.g. configs/tiny_msgrpo.yaml")],
+) -> None:
+    """MSGRPO: multi-source GRPO with per-reference rewards. Extra arguments KEY=VALUE override the
+    config; rerunning into the same run.output_dir resumes from its newest checkpoint."""
+    from uniref.train.config import RLConfig
+    from uniref.train.msgrpo import train_rl
+
+    cfg = load_config(RLConfig, config, ctx.args)
+    _report(train_rl(cfg), cfg)

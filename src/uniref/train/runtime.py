@@ -231,13 +231,14 @@ class Runtime:
                 signal.signal(sig, handler)
 
     @contextlib.contextmanager
-    def sampling_model(self) -> Iterator[EditModel]:
-        """The model with its EMA weights, unwrapped and in eval mode, for previews and validation;
-        training weights, wrapper and mode are restored afterwards."""
+    def sampling_model(self, ema: bool = True) -> Iterator[EditModel]:
+        """The model unwrapped and in eval mode, with its EMA weights if ``ema`` (previews, validation)
+        or its current ones (RL rollouts); training weights, wrapper and mode are restored afterwards."""
         wrapped = self.model.denoiser()
         net = self.unwrapped
-        backup = {k: v.detach().clone() for k, v in net.state_dict().items()} if self.ema is not None else None
-        if self.ema is not None:
+        use_ema = ema and self.ema is not None
+        backup = {k: v.detach().clone() for k, v in net.state_dict().items()} if use_ema else None
+        if use_ema:
             net.load_state_dict(_strip_ema(self.ema.state_dict()), strict=False)
         self.model.set_denoiser(net)
         net.eval()
