@@ -70,3 +70,13 @@ def test_shipped_sft_configs_validate_and_take_the_common_overrides(tmp_path: Pa
         assert cfg.train.max_steps == 3 and cfg.run.output_dir == tmp_path
         budgets = [s.budget for s in cfg.stages]
         assert budgets == sorted(budgets) and len(budgets) == 3  # the progressive schedule
+
+
+def test_shipped_rl_configs_validate_and_take_the_common_overrides(tmp_path: Path) -> None:
+    from uniref.train.config import RLConfig
+
+    paths = sorted(Path(__file__).parent.parent.joinpath("configs").glob("*msgrpo*.yaml"))
+    assert paths
+    for path in paths:
+        cfg = load_config(RLConfig, path, ["train.max_steps=3", f"run.output_dir={tmp_path}"])
+        assert cfg.train.max_steps == 3 and cfg.rl.window < cfg.rl.sample_steps
