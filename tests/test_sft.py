@@ -225,3 +225,19 @@ def test_sft_runs_the_qwen_image_edit_adapter_through_the_same_loop(tmp_path: Pa
     assert first.steps == 1 and second.steps == 2
     assert all(torch.isfinite(torch.tensor(first.losses + second.losses)))
     assert (tmp_path / "run" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_ema_warms_up_instead_of_holding_on_to_the_random_init() -> None:
+    from torch.optim.swa_utils import AveragedModel
+
+    from uniref.train.runtime import ema_with_warmup
+
+    net = torch.nn.Linear(3, 3)
+    init = net.weight.detach().clone()
+    ema = AveragedModel(net, multi_avg_fn=ema_with_warmup(0.999), use_buffers=True)
+    for _ in range(20):
+        with torch.no_grad():
+            net.weight.add_(1.0)
+        ema.update_parameters(net)
+    moved = (ema.module.weight - init).mean().item()
+    assert 15 < moved < 20  # a fixed 0.999 decay would have moved it by ~0.2

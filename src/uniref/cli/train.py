@@ -49,3 +49,19 @@ def rl_command(
 
     cfg = load_config(RLConfig, config, ctx.args)
     _report(train_rl(cfg), cfg)
+
+
+@train_app.command("export")
+def export_command(
+    run: Annotated[Path, typer.Argument(help="a training output folder (run.output_dir)")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="where to write the model folder")],
+    step: Annotated[int | None, typer.Option(help="checkpoint step (default: the newest)")] = None,
+    ema: Annotated[bool, typer.Option(help="export the EMA weights when the run kept them")] = True,
+    half: Annotated[bool, typer.Option(help="store float16 weights (tiny; half the bytes)")] = False,
+) -> None:
+    """Turn a checkpoint into a model folder `--model` accepts (tiny), or LoRA safetensors (diffusers +
+    ComfyUI) for adapter runs."""
+    from uniref.train.export import export_run
+
+    written = export_run(run, out, step=step, ema=ema, half=half)
+    typer.echo(f"wrote {written}")

@@ -424,12 +424,15 @@ class TinyModel(EditModel):
 
     # --- persistence ---------------------------------------------------------------------------
 
-    def save(self, folder: str | Path) -> Path:
-        """Write ``uniref_model.json`` + ``model.safetensors`` atomically into ``folder``."""
+    def save(self, folder: str | Path, dtype: torch.dtype | None = None, **native: int) -> Path:
+        """Write ``uniref_model.json`` + ``model.safetensors`` atomically into ``folder``; ``dtype``
+        (e.g. float16 for the shipped copy, half the bytes) and ``native`` budget overrides
+        (``ref_budget``, ``target_budget`` in pixels: the budget the weights were trained at)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        meta = {"flavour": "tiny", "config": asdict(self.config), "vocabulary": self.tokenizer.words}
-        state = {k: v.detach().contiguous().cpu() for k, v in self.net.state_dict().items()}
+        config = {**asdict(self.config), **native}
+        meta = {"flavour": "tiny", "config": config, "vocabulary": self.tokenizer.words}
+        state = {k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in self.net.state_dict().items()}
         with atomic_path(folder / WEIGHTS_FILE) as tmp:
             save_file(state, str(tmp))
         with atomic_path(folder / CONFIG_FILE) as tmp:
@@ -464,6 +467,7 @@ def load_tiny_folder(folder: str | Path, device: str = "cpu", dtype: torch.dtype
         raise ModelError(f"{folder}: not a readable UniRef tiny checkpoint ({exc})") from None
     tokenizer = WordTokenizer(meta["vocabulary"])
     net = TinyMMDiT(config, len(tokenizer))
+    # Shipped weights may be stored in float16; compute happens in float32 (or the requested dtype).
     missing, unexpected = net.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
     if missing or unexpected:
         raise ModelError(f"{folder}: weights do not match the config (missing {missing}, unexpected {unexpected})")

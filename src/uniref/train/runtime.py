@@ -58,6 +58,19 @@ def build_model(section: ModelSection, device: torch.device) -> EditModel:
     return model
 
 
+def ema_with_warmup(decay: float) -> Callable[[list[torch.Tensor], list[torch.Tensor], Any], None]:
+    """EMA update for ``AveragedModel`` whose decay warms up as ``min(decay, (1 + n) / (10 + n))`` after n
+    updates (as diffusers' EMAModel): a fixed 0.999 would keep ~80 % of the random init for 250 steps,
+    so early checkpoints and previews would show noise."""
+
+    def update(ema: list[torch.Tensor], current: list[torch.Tensor], num_averaged: Any) -> None:
+        n = float(num_averaged)
+        d = min(decay, (1 + n) / (10 + n))
+        torch._foreach_lerp_(ema, current, 1 - d)
+
+    return update
+
+
 def _strip_ema(ema: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """AveragedModel state (``module.`` prefix, ``n_averaged``) -> plain module state."""
     return {k.removeprefix("module."): v for k, v in ema.items() if k != "n_averaged"}
@@ -87,11 +100,9 @@ class Runtime:
         model.set_denoiser(wrapped)
         self.ema = None
         if optim.ema_decay > 0:
-            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+            from torch.optim.swa_utils import AveragedModel
 
-            self.ema = AveragedModel(
-                self.unwrapped, multi_avg_fn=get_ema_multi_avg_fn(optim.ema_decay), use_buffers=True
-            )
+            self.ema = AveragedModel(self.unwrapped, multi_avg_fn=ema_with_warmup(optim.ema_decay), use_buffers=True)
         self.state_of = state_of  # the trainer's own resumable state (data position, generators)
         self.stop_requested = False
         self.skipped_nonfinite = 0

@@ -1,0 +1,52 @@
+"""From a training checkpoint to something people load: a tiny model folder, or LoRA safetensors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from uniref.config import read_yaml
+from uniref.errors import ConfigError, ModelError
+from uniref.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from uniref.train.config import RLConfig, SFTConfig
+from uniref.train.runtime import _strip_ema, build_model
+
+
+def _run_config(run: Path) -> SFTConfig | RLConfig:
+    data = read_yaml(run / "config.yaml")
+    cls = RLConfig if "rl" in data else SFTConfig
+    try:
+        return cls.model_validate(data)
+    except ValueError as exc:
+        raise ConfigError(f"{run / 'config.yaml'}: {exc}") from None
+
+
+def export_run(run: str | Path, out: str | Path, step: int | None = None, ema: bool = True, half: bool = False) -> Path:
+    """Export checkpoint ``step`` (default: newest) of ``run`` into ``out``; returns ``out``."""
+    run, out = Path(run), Path(out)
+    config = _run_config(run)
+    ckpts = {int(p.name.split("_")[-1]): p for p in list_checkpoints(run)}
+    ckpt = ckpts.get(step) if step is not None else latest_checkpoint(run)
+    if ckpt is None:
+        raise ModelError(f"{run}: no checkpoint{'' if step is None else f' at step {step}'} (have {sorted(ckpts)})")
+    weights, ema_weights, state = load_checkpoint(ckpt)
+    model = build_model(config.model.model_copy(update={"init_from": None}), torch.device("cpu"))
+    net = model.denoiser()
+    chosen = _strip_ema(ema_weights) if ema and ema_weights is not None else weights
+    net.load_state_dict(chosen, strict=not config.model.lora.enabled)
+    if config.model.lora.enabled:
+        from uniref.train.lora import export_lora
+
+        export_lora(net, out, config.model.lora)
+        return out
+    from uniref.models.tiny import TinyModel
+
+    if not isinstance(model, TinyModel):
+        raise ModelError(f"{run}: full fine-tunes of {config.model.name} are exported by saving the transformer")
+    native = {}
+    if isinstance(config, SFTConfig):
+        _, stage = config.stage_at(max(0, state["step"] - 1))
+        native = {"ref_budget": stage.budget**2, "target_budget": (stage.target_budget or stage.budget) ** 2}
+    model.save(out, dtype=torch.float16 if half else None, **native)
+    return out
