@@ -6,7 +6,10 @@ with exit code 2; usage errors are Typer's own (also exit code 2).
 
 from __future__ import annotations
 
+import contextlib
 import sys
+import warnings
+from collections.abc import Iterator
 
 import typer
 
@@ -29,6 +32,18 @@ def _root() -> None:
 def _register() -> None:
     # Each command module adds its commands to `app`; imported here so `uniref --help` lists them all.
     from uniref.cli import data, edit, eval, plan, train  # noqa: F401
+
+
+@contextlib.contextmanager
+def warnings_to_stderr() -> Iterator[None]:
+    """Show Python warnings (e.g. unknown words for the tiny model) as one ``warning:`` line each."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield
+        finally:
+            for w in caught:
+                typer.echo(f"warning: {w.message}", err=True)
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import re
 import time
-import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -13,7 +12,7 @@ import typer
 from PIL import Image
 
 from uniref.budget import PlanMode, Size
-from uniref.cli import app
+from uniref.cli import app, warnings_to_stderr
 from uniref.cli.plan import plan_json
 from uniref.errors import BudgetError, ImageInputError, UniRefError
 from uniref.images import load_images, save_image
@@ -66,15 +65,8 @@ def edit_command(
     check_output_path(output)
     refs = load_images(ref)
     total_start = time.perf_counter()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with warnings_to_stderr():
         pipe = EditPipeline.from_pretrained(model, device=device, dtype=getattr(torch, DTYPES[dtype]))
-    for w in caught:
-        typer.echo(f"warning: {w.message}", err=True)
-    steps = steps or pipe.model.default_steps
-    guidance = pipe.model.default_guidance if guidance is None else guidance
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
         result = pipe.generate(
             instruction,
             refs,
@@ -86,8 +78,6 @@ def edit_command(
             mode=mode,
             progress=progress,
         )
-    for w in caught:
-        typer.echo(f"warning: {w.message}", err=True)
     image = result.images[0]
     save_image(image, output)
     if as_json:

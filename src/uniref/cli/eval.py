@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from uniref.budget import PlanMode
-from uniref.cli import app
+from uniref.cli import app, warnings_to_stderr
 from uniref.data.formats import LoadReport, iter_samples
 from uniref.errors import BudgetError, DataError
 from uniref.images import atomic_path, save_image
@@ -66,8 +65,7 @@ def eval_command(
     if not samples:
         raise DataError(f"{data}: no readable samples to evaluate")
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with warnings_to_stderr():
         pipe = EditPipeline.from_pretrained(model)
         report = evaluate(
             pipe,
@@ -81,8 +79,6 @@ def eval_command(
             progress=progress,
             keep_outputs=True,
         )
-    for w in caught:
-        typer.echo(f"warning: {w.message}", err=True)
     report.settings["model"] = model
     summary = report.to_json(records=False)
     summary["rows"] = {"read": load.rows, "bad": len(load.problems), "evaluated": report.n}

@@ -208,6 +208,25 @@ class Runtime:
             self.ema.update_parameters(self.unwrapped)
         return {"grad_norm": float(grad_norm), "lr": self.scheduler.get_last_lr()[0]}
 
+    def end_step(self, done: int, total: int, hooks: Any = None) -> bool:
+        """After optimizer step ``done``: checkpoint when due (every ``log.checkpoint_every``, at the end,
+        or on a stop request), then test hooks. True: the loop must stop now."""
+        if done % self.config.log.checkpoint_every == 0 or done == total or self.stop_requested:
+            self.save(done)
+        if hooks is not None:
+            hooks.after_step(done, self)
+        return self.stop_requested
+
+    def finish(self) -> bool:
+        """Export LoRA adapters (if any) and close the logs; returns whether the run was interrupted."""
+        lora = self.config.model.lora
+        if lora.enabled and self.is_main:
+            from uniref.train.lora import export_lora
+
+            export_lora(self.unwrapped, self.out / "lora", lora)
+        self.close()
+        return self.stop_requested
+
     def mean_across(self, value: torch.Tensor) -> torch.Tensor:
         value = value.detach()
         return self.accelerator.reduce(value.to(self.device), reduction="mean") if self.world > 1 else value

@@ -99,19 +99,10 @@ def train_sft(config: SFTConfig, hooks: Any = None) -> RunSummary:
                 rt.log(step + 1, scalars)
                 bar.set_postfix(loss=f"{mean_loss:.4f}", stage=index)
             done = step + 1
-            if done % config.log.checkpoint_every == 0 or done == total or rt.stop_requested:
-                rt.save(done)
             observer.after_step(done, stage.budget, stage.target_budget or stage.budget, final=done == total)
-            if hooks is not None:
-                hooks.after_step(done, rt)
-            if rt.stop_requested:
+            if rt.end_step(done, total, hooks):
                 break
-    interrupted = rt.stop_requested
-    if config.model.lora.enabled and rt.is_main:
-        from uniref.train.lora import export_lora
-
-        export_lora(rt.unwrapped, rt.out / "lora", config.model.lora)
-    rt.close()
+    interrupted = rt.finish()
     return RunSummary(step + 1 if losses else start, losses, rt.skipped_nonfinite, interrupted)
 
 
