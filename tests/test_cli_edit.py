@@ -4,21 +4,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from uniref.cli import main
+from cli_helpers import run_cli
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 REFS = [EXAMPLES / "background.png", EXAMPLES / "red_circle.png", EXAMPLES / "blue_square.png"]
 INSTRUCTION = "put the red circle from picture 2 and the blue square from picture 3 on the background of picture 1"
-
-
-def _run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def _edit_args(out: Path, *extra: str) -> list[str]:
@@ -30,7 +20,7 @@ def _edit_args(out: Path, *extra: str) -> list[str]:
 
 def test_edit_json_reports_output_plan_and_timings(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out.png"
-    code, stdout, _ = _run(_edit_args(out, "--json"), capsys)
+    code, stdout, _ = run_cli(_edit_args(out, "--json"), capsys)
     assert code == 0
     data = json.loads(stdout)
     assert set(data) == {"output", "width", "height", "plan", "seconds"}
@@ -45,15 +35,15 @@ def test_edit_json_reports_output_plan_and_timings(tmp_path: Path, capsys: pytes
 
 def test_edit_is_deterministic_for_a_seed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     a, b, c = tmp_path / "a.png", tmp_path / "b.png", tmp_path / "c.png"
-    assert _run(_edit_args(a, "--seed", "3"), capsys)[0] == 0
-    assert _run(_edit_args(b, "--seed", "3"), capsys)[0] == 0
-    assert _run(_edit_args(c, "--seed", "4"), capsys)[0] == 0
+    assert run_cli(_edit_args(a, "--seed", "3"), capsys)[0] == 0
+    assert run_cli(_edit_args(b, "--seed", "3"), capsys)[0] == 0
+    assert run_cli(_edit_args(c, "--seed", "4"), capsys)[0] == 0
     assert a.read_bytes() == b.read_bytes() != c.read_bytes()
 
 
 def test_edit_size_and_budget_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "o.png"
-    code, stdout, _ = _run(_edit_args(out, "--size", "100x60", "--budget", "48", "--json"), capsys)
+    code, stdout, _ = run_cli(_edit_args(out, "--size", "100x60", "--budget", "48", "--json"), capsys)
     assert code == 0
     data = json.loads(stdout)
     assert (data["width"], data["height"]) == (96, 56)
@@ -72,12 +62,12 @@ def test_edit_size_and_budget_options(tmp_path: Path, capsys: pytest.CaptureFixt
 def test_edit_bad_input_is_one_line_exit_2(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], needle: str
 ) -> None:
-    code, _, err = _run(_edit_args(tmp_path / "x.png", *extra), capsys)
+    code, _, err = run_cli(_edit_args(tmp_path / "x.png", *extra), capsys)
     assert code == 2
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and needle in lines[0] and "Traceback" not in err
 
 
 def test_edit_rejects_unknown_output_format(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, _, err = _run(_edit_args(tmp_path / "x.unknown"), capsys)
+    code, _, err = run_cli(_edit_args(tmp_path / "x.unknown"), capsys)
     assert code == 2 and "unknown image format" in err

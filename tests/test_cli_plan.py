@@ -6,19 +6,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from uniref.cli import main
+from cli_helpers import run_cli
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
-
-
-def _run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def _images(tmp_path: Path) -> list[Path]:
@@ -32,7 +22,7 @@ def _images(tmp_path: Path) -> list[Path]:
 
 def test_plan_json_has_exact_keys_and_respects_cap(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     paths = _images(tmp_path)
-    code, out, _ = _run(["plan", "--budget", "1024", *map(str, paths), "--json"], capsys)
+    code, out, _ = run_cli(["plan", "--budget", "1024", *map(str, paths), "--json"], capsys)
     assert code == 0
     data = json.loads(out)
     assert set(data) == {"mode", "budget_pixels", "multiple", "images", "total_tokens", "token_cap"}
@@ -47,21 +37,21 @@ def test_plan_json_reports_exif_oriented_size(tmp_path: Path, capsys: pytest.Cap
     exif[0x0112] = 8
     path = tmp_path / "r.jpg"
     Image.new("RGB", (400, 100)).save(path, exif=exif)
-    _, out, _ = _run(["plan", str(path), "--json"], capsys)
+    _, out, _ = run_cli(["plan", str(path), "--json"], capsys)
     item = json.loads(out)["images"][0]
     assert (item["width"], item["height"]) == (100, 400)
 
 
 def test_per_image_mode_spends_a_budget_per_reference(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     paths = _images(tmp_path)
-    _, out, _ = _run(["plan", *map(str, paths), "--mode", "per_image", "--json"], capsys)
+    _, out, _ = run_cli(["plan", *map(str, paths), "--mode", "per_image", "--json"], capsys)
     data = json.loads(out)
     assert data["total_tokens"] > 2.5 * data["token_cap"]
 
 
 def test_plan_human_output_is_a_table(capsys: pytest.CaptureFixture[str]) -> None:
     examples = sorted(EXAMPLES.glob("*.png"))
-    code, out, _ = _run(["plan", "--budget", "1024", *map(str, examples)], capsys)
+    code, out, _ = run_cli(["plan", "--budget", "1024", *map(str, examples)], capsys)
     assert code == 0 and "budget use" in out and "planned" in out
 
 
@@ -78,7 +68,7 @@ def test_bad_input_exits_2_with_one_line(
 ) -> None:
     img = _images(tmp_path)[0]
     args = [str(img) if a == "A" else a for a in args]
-    code, out, err = _run(args, capsys)
+    code, out, err = run_cli(args, capsys)
     assert code == 2
     assert needle in err and err.count("\n") == 1 and "Traceback" not in err
 
