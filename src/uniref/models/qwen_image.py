@@ -137,6 +137,9 @@ class QwenImageEdit(EditModel):
                 pixel_values=inputs.get("pixel_values"),
                 image_grid_thw=inputs.get("image_grid_thw"),
                 output_hidden_states=True,
+                # Only hidden states are used: skip the logits over the 152k-word vocabulary for every
+                # prompt token (diffusers computes and discards them; same hidden states, ~20x faster here).
+                logits_to_keep=1,
             )
             hidden = out.hidden_states[-1][0][inputs["attention_mask"][0].bool()]  # (L_real, D_txt)
             txt.append(hidden[PROMPT_DROP_TOKENS:].to(self.dtype))
