@@ -246,9 +246,9 @@ def train_rl(config: RLConfig, hooks: Any = None) -> RunSummary:
                     out = clipped_policy_loss(
                         logp,
                         ro.old_log_prob[j],
-                        adv.advantages,
+                        adv.advantages.to(logp.device),
                         clip_range=rl.clip_range,
-                        mask=adv.valid,
+                        mask=adv.valid.to(logp.device),
                         kl=kl,
                         kl_coef=rl.kl_coef,
                     )
