@@ -22,6 +22,7 @@ from uniref.data import SizeRange, TaskConfig, generate, parse_tasks
 from uniref.data.sample import Sample
 from uniref.data.splits import split_seed
 from uniref.errors import ConfigError, DataError
+from uniref.train.config import DataSection
 
 
 class SampleSource(Protocol):
@@ -69,13 +70,11 @@ class DatasetSource:
         return self.samples[int(order[offset])]
 
 
-def build_source(
-    source: str, task_mix: dict[str, float], max_refs: int, size_range: str, seed_offset: int
-) -> SampleSource:
+def build_source(data: DataSection) -> SampleSource:
     """``scenes`` -> :class:`SceneSource`; anything else is a dataset path -> :class:`DatasetSource`."""
-    if source == "scenes":
-        return SceneSource(task_mix, max_refs, size_range, seed_offset)
-    return DatasetSource(source, seed_offset)
+    if data.source == "scenes":
+        return SceneSource(data.task_mix, data.max_refs, data.size_range, data.seed_offset)
+    return DatasetSource(data.source, data.seed_offset)
 
 
 class StepBatches(torch.utils.data.Sampler[list[int]]):

@@ -44,10 +44,9 @@ from uniref.pipeline import EditPipeline, Prepared, pack_for_denoising, target_v
 from uniref.rewards import RewardSource, SceneRewards
 from uniref.sequence import PackedBatch
 from uniref.train.config import RewardSection, RLConfig, RLSection
-from uniref.train.data import build_source
 from uniref.train.grpo import clipped_policy_loss, compute_advantages, kl_to_reference
 from uniref.train.observe import Observer
-from uniref.train.runtime import Runtime, build_model
+from uniref.train.runtime import Runtime, start_run
 from uniref.train.sft import RunSummary, noise_seed
 
 
@@ -179,14 +178,7 @@ def reference_policy(model: EditModel, frozen: torch.nn.Module | None) -> Iterat
 
 def train_rl(config: RLConfig, hooks: Any = None) -> RunSummary:
     """Run (or resume) MSGRPO as configured (see the module docstring)."""
-    torch.manual_seed(config.run.seed)
-    from accelerate import PartialState
-
-    state = PartialState(cpu=not torch.cuda.is_available())
-    model = build_model(config.model, state.device)
-    source = build_source(
-        config.data.source, config.data.task_mix, config.data.max_refs, config.data.size_range, config.data.seed_offset
-    )
+    model, source = start_run(config)
     rewards = build_reward_source(config.reward)
     rl = config.rl
     frozen = None

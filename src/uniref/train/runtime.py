@@ -23,8 +23,18 @@ from uniref.errors import ConfigError
 from uniref.models import EditModel, load_model
 from uniref.train.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from uniref.train.config import ModelSection
+from uniref.train.data import SampleSource, build_source
 
 METRICS_FILE = "metrics.jsonl"
+
+
+def start_run(config: Any) -> tuple[EditModel, SampleSource]:
+    """Seed, pick the device of this process, build the model and the sample source of a run."""
+    from accelerate import PartialState
+
+    torch.manual_seed(config.run.seed)
+    state = PartialState(cpu=not torch.cuda.is_available())
+    return build_model(config.model, state.device), build_source(config.data)
 
 
 def build_model(section: ModelSection, device: torch.device) -> EditModel:

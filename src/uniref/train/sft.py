@@ -25,9 +25,9 @@ from tqdm.auto import tqdm
 from uniref.errors import ConfigError
 from uniref.train.batch import flow_loss, make_batch
 from uniref.train.config import SFTConfig
-from uniref.train.data import StepBatches, build_source, step_loader
+from uniref.train.data import StepBatches, step_loader
 from uniref.train.observe import Observer
-from uniref.train.runtime import Runtime, build_model
+from uniref.train.runtime import Runtime, start_run
 
 
 @dataclass
@@ -40,14 +40,7 @@ class RunSummary:
 
 def train_sft(config: SFTConfig, hooks: Any = None) -> RunSummary:
     """Run (or resume) SFT as configured; ``hooks.after_step(step, runtime)`` is for previews."""
-    torch.manual_seed(config.run.seed)
-    from accelerate import PartialState
-
-    state = PartialState(cpu=not torch.cuda.is_available())
-    model = build_model(config.model, state.device)
-    source = build_source(
-        config.data.source, config.data.task_mix, config.data.max_refs, config.data.size_range, config.data.seed_offset
-    )
+    model, source = start_run(config)
     rt = Runtime(config, model, lambda: {})
     start, _ = rt.resume()
     total = config.train.max_steps
