@@ -241,3 +241,20 @@ def test_ema_warms_up_instead_of_holding_on_to_the_random_init() -> None:
         ema.update_parameters(net)
     moved = (ema.module.weight - init).mean().item()
     assert 15 < moved < 20  # a fixed 0.999 decay would have moved it by ~0.2
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--config", "configs/tiny_sft.yaml", "train.max_stepz=1"], "unknown key 'train.max_stepz'"),
+        (["--config", "configs/nope.yaml"], "config file not found"),
+        (["--config", "configs/tiny_sft.yaml", "optim.lr=fast"], "optim.lr"),
+    ],
+)
+def test_train_cli_bad_config_is_one_line_exit_2(args: list[str], needle: str, capsys) -> None:
+    from cli_helpers import run_cli
+
+    for command in ("sft", "rl"):
+        config_args = [a.replace("tiny_sft", "tiny_msgrpo") if command == "rl" else a for a in args]
+        code, _, err = run_cli(["train", command, *config_args], capsys)
+        assert code == 2 and needle in err and err.count("\n") == 1
