@@ -1,4 +1,5 @@
 import io
+import os
 from pathlib import Path
 
 import numpy as np
@@ -114,6 +115,9 @@ def test_save_is_atomic_and_leaves_no_temp_files(tmp_path: Path) -> None:
     save_image(Image.new("RGB", (3, 3), (1, 2, 3)), out)
     assert load_image(out).getpixel((0, 0)) == (1, 2, 3)
     assert [p.name for p in out.parent.iterdir()] == ["out.png"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's private 0600
 
 
 def test_failed_save_keeps_the_previous_file(tmp_path: Path) -> None:
