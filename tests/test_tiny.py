@@ -125,3 +125,19 @@ def test_gradient_checkpointing_gives_the_same_gradients() -> None:
         grads.append([p.grad.clone() for p in model.net.parameters()])
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_shipped_tiny_weights_load_without_warning_and_differ_from_random() -> None:
+    import warnings
+
+    from uniref.models.tiny import SHIPPED_DIR, WEIGHTS_FILE
+
+    assert (SHIPPED_DIR / WEIGHTS_FILE).is_file()  # the embedded default ships with the package
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "random weights" warning
+        shipped = load_model("tiny")
+    random = load_model("tiny-random")
+    assert shipped.name == "tiny" and shipped.spec.ref_budget >= 64 * 64
+    a = dict(shipped.net.named_parameters())["img_in.weight"]
+    b = dict(random.net.named_parameters())["img_in.weight"]
+    assert a.shape == b.shape and not torch.equal(a, b)
