@@ -495,20 +495,8 @@ def diffusers_sizes(vae_side: int, condition_side: int) -> Iterator[None]:
 
 
 def bench_diffusers(settings: Settings, qwen_tiny: ModuleType) -> list[dict[str, Any]]:
-    from diffusers import QwenImageEditPlusPipeline
-
-    from uniref.models.qwen_image import _make_processor
-
     components = qwen_tiny.build_components(seed=0)
-    theirs = QwenImageEditPlusPipeline(
-        scheduler=components["scheduler"],
-        vae=components["vae"],
-        text_encoder=components["text_encoder"],
-        tokenizer=components["tokenizer"],
-        processor=_make_processor(components["image_processor"], components["tokenizer"]),
-        transformer=components["transformer"],
-    )
-    theirs.set_progress_bar_config(disable=True)
+    theirs = qwen_tiny.diffusers_pipeline(components)
     ref = Image.open(EXAMPLES / "red_circle.png").convert("RGB")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -167,3 +167,22 @@ def save_folder(components: dict[str, Any], folder: str | Path) -> Path:
     }
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
     return folder
+
+
+def diffusers_pipeline(components: dict[str, Any]) -> Any:
+    """diffusers' own ``QwenImageEditPlusPipeline`` over ``components`` (processor built without
+    torchvision, as our loader does), progress bar off."""
+    from diffusers import QwenImageEditPlusPipeline
+
+    from uniref.models.qwen_image import _make_processor
+
+    pipe = QwenImageEditPlusPipeline(
+        scheduler=components["scheduler"],
+        vae=components["vae"],
+        text_encoder=components["text_encoder"],
+        tokenizer=components["tokenizer"],
+        processor=_make_processor(components["image_processor"], components["tokenizer"]),
+        transformer=components["transformer"],
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

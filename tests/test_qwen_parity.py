@@ -46,22 +46,11 @@ def tiny(request, tmp_path_factory):
 
 
 def _diffusers_latents(components, refs, seed, monkeypatch) -> torch.Tensor:
-    from diffusers import QwenImageEditPlusPipeline
     from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as qie
-
-    from uniref.models.qwen_image import _make_processor
 
     monkeypatch.setattr(qie, "VAE_IMAGE_SIZE", VAE_SIDE * VAE_SIDE)
     monkeypatch.setattr(qie, "CONDITION_IMAGE_SIZE", CONDITION_SIDE * CONDITION_SIDE)
-    pipe = QwenImageEditPlusPipeline(
-        scheduler=components["scheduler"],
-        vae=components["vae"],
-        text_encoder=components["text_encoder"],
-        tokenizer=components["tokenizer"],
-        processor=_make_processor(components["image_processor"], components["tokenizer"]),
-        transformer=components["transformer"],
-    )
-    pipe.set_progress_bar_config(disable=True)
+    pipe = qwen_tiny.diffusers_pipeline(components)
     out = pipe(
         image=refs,
         prompt=PROMPT,
