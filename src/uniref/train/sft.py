@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from uniref.errors import ConfigError
 from uniref.train.batch import flow_loss, make_batch
+from uniref.train.cache import with_cache
 from uniref.train.config import SFTConfig
 from uniref.train.data import StepBatches, step_loader
 from uniref.train.observe import Observer
@@ -54,6 +55,7 @@ def train_sft(config: SFTConfig, hooks: Any = None) -> RunSummary:
     batches = StepBatches(batch_size_at, start, total, rt.rank, rt.world)
     observer = Observer(config, rt)
     loader = step_loader(source, batches, config.data.workers)
+    encoders = with_cache(model, config.data.cache_dir, f"{config.model.name}\0{config.model.path}")
 
     losses: list[float] = []
     bar = tqdm(
@@ -66,7 +68,7 @@ def train_sft(config: SFTConfig, hooks: Any = None) -> RunSummary:
             tick = time.perf_counter()
             indices, samples = next(loader)
             batch = make_batch(
-                model,
+                encoders,
                 samples,
                 stage.budget**2,
                 (stage.target_budget or stage.budget) ** 2,
@@ -75,7 +77,7 @@ def train_sft(config: SFTConfig, hooks: Any = None) -> RunSummary:
                 config.loss.logit_std,
             )
             with rt.accelerator.autocast():
-                cond = model.encode_condition(batch.instructions, batch.refs, batch.ref_sizes)
+                cond = encoders.encode_condition(batch.instructions, batch.refs, batch.ref_sizes)
                 loss, per_sample = flow_loss(model, batch, cond, config.loss.weighting)
             stats = rt.optimizer_step(loss)
             mean_loss = float(rt.mean_across(loss))
@@ -87,6 +89,8 @@ def train_sft(config: SFTConfig, hooks: Any = None) -> RunSummary:
                 scalars["real_token_fraction"] = batch.packed.real_fraction
                 scalars["skipped_nonfinite"] = rt.skipped_nonfinite
                 scalars.update(stats or {})
+                if encoders is not model:
+                    scalars["cache_hit_fraction"] = encoders.cache.hit_fraction
                 scalars.update(_grouped("loss/task", batch.tasks, per_sample))
                 scalars.update(_grouped("loss/k", batch.ks, per_sample))
                 rt.log(step + 1, scalars)

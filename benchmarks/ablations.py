@@ -1,0 +1,214 @@
+"""The method's ablations, each from one command: train the arms that are not finished (resuming the
+ones that stopped), evaluate every arm on the held-out test split with the exact metrics, and write its
+section of docs/ablations.md with loss/reward curves and a sample grid (PNG, under docs/ablations/).
+
+    python -m benchmarks.ablations sft      # (a) trained vs untrained, (b) budget schedule, (d) task mix
+    python -m benchmarks.ablations budgets  # (c) SELF global budget vs per-image budgets, K = 4-6
+    python -m benchmarks.ablations rl       # SFT only vs summed-reward GRPO vs MSGRPO; SDE window vs full
+
+Arms are the YAML files in configs/ablations/ (each also runs alone with ``uniref train``); arms of a
+study cost the same compute. ``--jobs`` arms train at once, each on ``--threads`` CPU threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from benchmarks._report import write_section
+from uniref.config import read_yaml
+from uniref.data import SizeRange, TaskConfig, parse_tasks
+from uniref.data.sample import Sample
+from uniref.data.splits import split_samples
+from uniref.eval import EvalReport, evaluate
+from uniref.images import save_image
+from uniref.viz import SheetRow, draw_sheet
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = ROOT / "configs" / "ablations"
+DOC = ROOT / "docs" / "ablations.md"
+FIGURES = ROOT / "docs" / "ablations"
+HEADER = (
+    "# Ablations\n\nEvery table and figure here is written by `python -m benchmarks.ablations STUDY`; "
+    "rerun it to refresh its section.\n"
+)
+GRID_ROWS = 6
+SMOOTH = 10  # logged points per moving-average window in the curves
+PAUSE = 600.0  # seconds: longer gaps between logged steps are resumes, not training time
+
+
+# --- arms: train, find, export -------------------------------------------------------------------
+
+
+def arm_config(name: str) -> Path:
+    return CONFIGS / f"{name}.yaml"
+
+
+def arm_run(name: str) -> Path:
+    return ROOT / read_yaml(arm_config(name))["run"]["output_dir"]
+
+
+def arm_finished(name: str) -> bool:
+    metrics = arm_run(name) / "metrics.jsonl"
+    if not metrics.exists():
+        return False
+    target = read_yaml(arm_config(name))["train"]["max_steps"]
+    steps = [json.loads(line).get("step", 0) for line in metrics.read_text().splitlines() if line.strip()]
+    return bool(steps) and max(steps) >= target and _checkpoint_step(name) >= target
+
+
+def _checkpoint_step(name: str) -> int:
+    from uniref.train.checkpoint import latest_checkpoint
+
+    ckpt = latest_checkpoint(arm_run(name))
+    return int(ckpt.name.split("_")[-1]) if ckpt else -1
+
+
+def train_arms(kind: str, names: Sequence[str], jobs: int, threads: int) -> None:
+    """Run ``uniref train KIND`` for every unfinished arm, ``jobs`` at a time (a rerun resumes)."""
+    todo = [n for n in names if not arm_finished(n)]
+    if not todo:
+        return
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+
+    def run(name: str) -> None:
+        log = arm_run(name).with_suffix(".log")
+        log.parent.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "uniref", "train", kind, "--config", str(arm_config(name)), "log.progress=false"]
+        print(f"training {name}: {' '.join(cmd[2:])} (log: {log})", flush=True)
+        with log.open("a") as out:
+            code = subprocess.call(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        if code:
+            raise SystemExit(f"arm {name} failed with exit code {code}; see {log}")
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        list(pool.map(run, todo))
+
+
+def export_arm(name: str) -> Path:
+    """The arm's final weights (EMA for SFT) as a model folder ``<run>/final``."""
+    from uniref.train.export import export_run
+
+    out = arm_run(name) / "final"
+    if not (out / "uniref_model.json").exists():
+        export_run(arm_run(name), out)
+    return out
+
+
+def metrics_rows(name: str) -> list[dict]:
+    path = arm_run(name) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def train_hours(rows: Sequence[dict], key: str = "loss") -> float:
+    """Wall hours between logged steps, leaving out pauses (stops and resumes)."""
+    train = [r for r in rows if key in r]
+    gaps = [b["time"] - a["time"] for a, b in zip(train, train[1:], strict=False)]
+    return sum(g for g in gaps if g < PAUSE) / 3600
+
+
+def smooth(values: Sequence[float], window: int = SMOOTH) -> list[float]:
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+# --- evaluation ------------------------------------------------------------------------------------
+
+
+def eval_model(
+    model: str | Path, samples: Sequence[Sample], budget: int | None = None, **kwargs: object
+) -> tuple[EvalReport, float]:
+    """Evaluate (outputs kept) and return the report and its wall seconds."""
+    from uniref.pipeline import EditPipeline
+
+    pipe = EditPipeline.from_pretrained(str(model))
+    start = time.perf_counter()
+    report = evaluate(pipe, samples, budget=budget, target_budget=budget, keep_outputs=True, progress=False, **kwargs)
+    return report, time.perf_counter() - start
+
+
+def family_scores(report: EvalReport) -> dict[str, float]:
+    """Mean ref consistency of single edits (K = 1) and of compositions (K >= 2)."""
+    edits = [r.score.ref_consistency for r in report.records if r.k == 1]
+    comps = [r.score.ref_consistency for r in report.records if r.k > 1]
+    return {"edit": sum(edits) / max(1, len(edits)), "compose": sum(comps) / max(1, len(comps))}
+
+
+def metric_cells(report: EvalReport) -> list[str]:
+    return [
+        f"{report.ref_consistency:.3f}",
+        f"{report.worst_ref_consistency:.3f}",
+        f"{report.instruction_accuracy:.3f}",
+        f"{report.quality:.3f}",
+    ]
+
+
+METRIC_HEADER = ["ref consistency", "worst ref", "instruction", "quality"]
+
+
+def sample_grid(samples: Sequence[Sample], reports: dict[str, EvalReport], out: Path) -> None:
+    """Rows: references | each arm's output (in ``reports`` order) | target."""
+    names = list(reports)
+    rows = [
+        SheetRow(
+            list(s.refs),
+            [reports[n].outputs[i] for n in names] + [s.target],
+            f"[{s.task}] {s.instruction}",
+            extra_lines=["", "outputs: " + ", ".join(names) + ", then target"],
+        )
+        for i, s in enumerate(samples[:GRID_ROWS])
+    ]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_image(draw_sheet(rows), out)
+
+
+def write(name: str, markdown: str) -> None:
+    if not DOC.exists():
+        DOC.parent.mkdir(parents=True, exist_ok=True)
+        DOC.write_text(HEADER)
+    write_section(name, markdown, DOC)
+
+
+def test_samples(n: int, tasks: str, max_refs: int, min_refs: int = 1) -> list[Sample]:
+    """The first ``n`` held-out test samples with ``min_refs <= K``, same for every arm."""
+    config = TaskConfig(tasks=parse_tasks(tasks), max_refs=max_refs, size_range=SizeRange(48, 160))
+    pool: list[Sample] = []
+    drawn = n
+    while len(pool) < n:
+        pool = [s for s in split_samples("test", drawn, config) if s.k >= min_refs]
+        drawn *= 2
+    return pool[:n]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("study", choices=["sft", "budgets", "rl"])
+    parser.add_argument("--n", type=int, default=64, help="held-out test samples per evaluation")
+    parser.add_argument("--jobs", type=int, default=2, help="arms trained at once")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads per arm")
+    parser.add_argument("--no-train", action="store_true", help="only evaluate (arms must be finished)")
+    args = parser.parse_args(argv)
+    if args.study == "rl":
+        from benchmarks import ablations_rl
+
+        ablations_rl.run(args)
+        return
+    from benchmarks import ablations_sft
+
+    (ablations_sft.run if args.study == "sft" else ablations_sft.run_budgets)(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""RL ablations (issue 7 §4): SFT only vs GRPO with the summed reward vs MSGRPO, and the SDE window vs
+the full trajectory. Run through ``python -m benchmarks.ablations rl``; see that module.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from benchmarks._report import markdown_table
+from benchmarks.ablations import (
+    FIGURES,
+    METRIC_HEADER,
+    arm_finished,
+    eval_model,
+    export_arm,
+    metric_cells,
+    metrics_rows,
+    sample_grid,
+    smooth,
+    test_samples,
+    train_arms,
+    write,
+)
+from uniref.config import read_yaml
+from uniref.data import SizeRange, TaskConfig, parse_tasks
+from uniref.data.splits import split_samples
+from uniref.eval import METRICS, EvalReport
+
+ARMS = {
+    "rl_raw_sum": "GRPO, summed reward (window 3)",
+    "rl_reconcile": "MSGRPO, reconcile (window 3)",
+    "rl_full": "MSGRPO, reconcile, full trajectory",
+}
+VAL_KEY = "val/worst_ref_consistency"
+
+
+def training_seconds(rows: list[dict]) -> list[tuple[int, float]]:
+    """(step, cumulative seconds of rollout + update) for every logged training step."""
+    out, total = [], 0.0
+    for r in rows:
+        if "step_seconds" in r:
+            total += r["step_seconds"]
+            out.append((r["step"], total))
+    return out
+
+
+def seconds_at(clock: list[tuple[int, float]], step: int) -> float:
+    return next((t for s, t in clock if s >= step), clock[-1][1])
+
+
+def time_to_reach(rows: list[dict], level: float) -> float | None:
+    """Training seconds until validation worst-ref first reaches ``level`` (None: never)."""
+    clock = training_seconds(rows)
+    for r in rows:
+        if VAL_KEY in r and r[VAL_KEY] >= level:
+            return seconds_at(clock, r["step"])
+    return None
+
+
+def curves(base_val: float, out_png: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8), dpi=110)
+    for name, label in ARMS.items():
+        rows = metrics_rows(name)
+        train = [r for r in rows if "reward/worst_ref" in r]
+        steps = [r["step"] for r in train]
+        axes[0].plot(steps, smooth([r["reward/worst_ref"] for r in train]), label=f"{label}: worst ref")
+        axes[0].plot(steps, smooth([r["reward/ref_mean"] for r in train]), ls=":", label=f"{label}: mean ref")
+        val = [r for r in rows if VAL_KEY in r]
+        clock = training_seconds(rows)
+        axes[1].plot([0] + [r["step"] for r in val], [base_val] + [r[VAL_KEY] for r in val], marker="o", label=label)
+        axes[2].plot(
+            [0] + [seconds_at(clock, r["step"]) / 60 for r in val],
+            [base_val] + [r[VAL_KEY] for r in val],
+            marker="o",
+            label=label,
+        )
+    axes[0].set(xlabel="RL step", ylabel="training reward (moving average)", title="rollout rewards")
+    axes[1].set(xlabel="RL step", ylabel="worst-ref consistency", title="validation (32 val prompts)")
+    axes[2].set(xlabel="training minutes (rollouts + updates)", ylabel="worst-ref consistency", title="by wall time")
+    for ax in axes:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    FIGURES.mkdir(parents=True, exist_ok=True)
+    fig.savefig(FIGURES / out_png)
+    plt.close(fig)
+
+
+def run(args: argparse.Namespace) -> None:
+    if not args.no_train:
+        train_arms("rl", list(ARMS), args.jobs, args.threads)
+    missing = [n for n in ARMS if not arm_finished(n)]
+    if missing:
+        raise SystemExit(f"arms not finished: {', '.join(missing)} (rerun without --no-train)")
+    cfg = read_yaml("configs/ablations/rl_reconcile.yaml")
+    max_refs, budget = cfg["data"]["max_refs"], cfg["rl"]["budget"]
+    # Compositions only: the claim is about trading references against each other.
+    samples = test_samples(args.n, "compose", max_refs=max_refs)
+    models = {"SFT only (embedded default)": "tiny"} | {ARMS[n]: export_arm(n) for n in ARMS}
+    reports: dict[str, EvalReport] = {}
+    for label, model in models.items():
+        reports[label], _ = eval_model(model, samples, budget=budget)
+    # The arms' own validation prompts (Observer's), for the curves' step 0.
+    val_config = TaskConfig(
+        tasks=parse_tasks(",".join(cfg["data"]["task_mix"])), max_refs=max_refs, size_range=SizeRange.parse("48:160")
+    )
+    val = split_samples("val", cfg["log"]["val_samples"], val_config)
+    base_val = eval_model("tiny", val, budget=budget, steps=cfg["log"]["val_steps"])[0].worst_ref_consistency
+
+    rows = []
+    for label, report in reports.items():
+        name = next((n for n, lab in ARMS.items() if lab == label), None)
+        arm_rows = metrics_rows(name) if name else []
+        clock = training_seconds(arm_rows)
+        minutes = f"{clock[-1][1] / 60:.1f}" if clock else "–"
+        steps = str(clock[-1][0]) if clock else "0"
+        rows.append([label, steps, minutes] + metric_cells(report))
+    header = ["arm", "RL steps", "train min"] + METRIC_HEADER
+    sft = reports["SFT only (embedded default)"]
+    deltas = [
+        [label] + [f"{getattr(r, m) - getattr(sft, m):+.3f}" for m in METRICS]
+        for label, r in reports.items()
+        if r is not sft
+    ]
+    window_rows, full_rows = metrics_rows("rl_reconcile"), metrics_rows("rl_full")
+    best = [max((r[VAL_KEY] for r in rs if VAL_KEY in r), default=float("nan")) for rs in (window_rows, full_rows)]
+    level = min(best)
+    t_window, t_full = time_to_reach(window_rows, level), time_to_reach(full_rows, level)
+    if level > base_val and t_window and t_full:
+        speed = (
+            f"Validation worst-ref {level:.3f} (the lower of the two arms' best; SFT only: {base_val:.3f}) was first "
+            f"reached after {t_window / 60:.1f} training minutes with the window and {t_full / 60:.1f} with the full "
+            f"trajectory: **{t_full / t_window:.2f}×** less time with the window."
+        )
+    else:
+        speed = (
+            f"No common improvement to time: best validation worst-ref {best[0]:.3f} (window) and {best[1]:.3f} "
+            f"(full) against {base_val:.3f} before RL, so time-to-reward is not measured here."
+        )
+    per_step = [training_seconds(rs)[-1][1] / max(1, training_seconds(rs)[-1][0]) for rs in (window_rows, full_rows)]
+    curves(base_val, "rl_curves.png")
+    sample_grid(samples, reports, FIGURES / "rl_samples.png")
+    text = f"""## MSGRPO: SFT only vs summed-reward GRPO vs multi-source GRPO (issue 7)
+
+Command: `python -m benchmarks.ablations rl --n {args.n} --jobs {args.jobs} --threads {args.threads}`
+(arms: `configs/ablations/rl_*.yaml`; all start from the shipped tiny model, see the same prompts, noise
+seeds and SDE windows, with P = 4 prompts × G = 8 samples, T = 10 sampler steps, lr 5e-5, no KL).
+
+Held-out **test** compositions (compose, transfer, conflict; K = 2–{max_refs}), the same {args.n} for every arm,
+reference and target budget {budget}², 20 sampler steps (ODE). The two window-3 arms cost the same compute
+per step; the full-trajectory arm trains on 3× as many steps per rollout.
+
+{markdown_table(header, rows)}
+
+Change against SFT only:
+
+{markdown_table(["arm", "ref consistency", "worst ref", "instruction", "quality"], deltas)}
+
+**SDE window vs full trajectory.** Mean training seconds per RL step: {per_step[0]:.1f} (window 3) vs
+{per_step[1]:.1f} (full, 9 steps): {per_step[1] / per_step[0]:.2f}× per step. {speed}
+
+![reward curves](ablations/rl_curves.png)
+
+Sample grid (test compositions; outputs left to right: {", ".join(models)}; then the target):
+
+![samples](ablations/rl_samples.png)
+"""
+    write("rl", text)
+    print(text)

@@ -1,0 +1,178 @@
+"""SFT ablations (issue 6 §7): trained vs untrained, the progressive budget, the task mix, SELF's budget.
+
+Run through ``python -m benchmarks.ablations sft`` / ``budgets``; see that module.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from benchmarks._report import markdown_table
+from benchmarks.ablations import (
+    FIGURES,
+    METRIC_HEADER,
+    arm_finished,
+    eval_model,
+    export_arm,
+    family_scores,
+    metric_cells,
+    metrics_rows,
+    sample_grid,
+    smooth,
+    test_samples,
+    train_arms,
+    train_hours,
+    write,
+)
+from uniref.budget import PlanMode, Size, plan
+from uniref.config import read_yaml
+from uniref.eval import EvalReport
+
+ARMS = {
+    "sft_progressive": "progressive 64² → 96² → 128²",
+    "sft_fixed64": "fixed 64²",
+    "sft_fixed128": "fixed 128²",
+    "sft_compose_only": "fixed 64², compositions only",
+}
+EVAL_BUDGETS = (64, 128)
+
+
+def compute_units(name: str) -> float:
+    """Σ steps × (budget / 64)² × batch / 16 over the arm's stages: optimizer steps at 64², batch 16."""
+    stages = read_yaml(f"configs/ablations/{name}.yaml")["stages"]
+    return sum(s["steps"] * (s["budget"] / 64) ** 2 * s["batch_size"] / 16 for s in stages)
+
+
+def curves(out_png: str) -> None:
+    """Training loss and validation ref consistency of every arm against compute spent."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(11, 3.8), dpi=110)
+    for name, label in ARMS.items():
+        rows = metrics_rows(name)
+        stages = read_yaml(f"configs/ablations/{name}.yaml")["stages"]
+        spent, per_step = [], []
+        for s in stages:
+            per_step += [(s["budget"] / 64) ** 2 * s["batch_size"] / 16] * s["steps"]
+        for step in range(len(per_step)):
+            spent.append((spent[-1] if spent else 0.0) + per_step[step])
+
+        def at(step: int, spent: list[float] = spent) -> float:
+            return spent[min(step, len(spent)) - 1]
+
+        train = [r for r in rows if "loss" in r]
+        ax_loss.plot([at(r["step"]) for r in train], smooth([r["loss"] for r in train]), lw=1, label=label)
+        val = [r for r in rows if "val/ref_consistency" in r]
+        ax_val.plot([at(r["step"]) for r in val], [r["val/ref_consistency"] for r in val], marker="o", label=label)
+    ax_loss.set(xlabel="compute (optimizer steps at 64², batch 16)", ylabel="x0 MSE (moving average)", yscale="log")
+    ax_loss.set_title("training loss (each arm at its own budget)")
+    ax_val.set(xlabel="compute (optimizer steps at 64², batch 16)", ylabel="ref consistency")
+    ax_val.set_title("validation (16 val samples, at the arm's current budget)")
+    ax_val.legend(fontsize=8)
+    fig.tight_layout()
+    FIGURES.mkdir(parents=True, exist_ok=True)
+    fig.savefig(FIGURES / out_png)
+    plt.close(fig)
+
+
+def run(args: argparse.Namespace) -> None:
+    if not args.no_train:
+        train_arms("sft", list(ARMS), args.jobs, args.threads)
+    missing = [n for n in ARMS if not arm_finished(n)]
+    if missing:
+        raise SystemExit(f"arms not finished: {', '.join(missing)} (rerun without --no-train)")
+    samples = test_samples(args.n, "edit,compose", max_refs=6)
+    models = {"untrained (tiny-random)": "tiny-random"} | {ARMS[n]: export_arm(n) for n in ARMS}
+    reports: dict[int, dict[str, EvalReport]] = {b: {} for b in EVAL_BUDGETS}
+    for budget in EVAL_BUDGETS:
+        for label, model in models.items():
+            reports[budget][label], _ = eval_model(model, samples, budget=budget)
+
+    rows = []
+    for label in models:
+        name = next((n for n, lab in ARMS.items() if lab == label), None)
+        units = f"{compute_units(name):.0f}" if name else "0"
+        hours = f"{train_hours(metrics_rows(name)):.2f}" if name else "–"
+        fam = family_scores(reports[128][label])
+        rows.append(
+            [label, units, hours]
+            + metric_cells(reports[64][label])
+            + metric_cells(reports[128][label])
+            + [f"{fam['edit']:.3f}", f"{fam['compose']:.3f}"]
+        )
+    header = (
+        ["arm", "compute", "train h"]
+        + [f"{m} @64²" for m in METRIC_HEADER]
+        + [f"{m} @128²" for m in METRIC_HEADER]
+        + ["edits (K=1) @128²", "compositions (K≥2) @128²"]
+    )
+    curves("sft_curves.png")
+    sample_grid(samples, reports[128], FIGURES / "sft_samples.png")
+    n_edit = sum(s.k == 1 for s in samples)
+    text = f"""## SFT: budget schedule, task mix, training (issue 6: a, b, d)
+
+Command: `python -m benchmarks.ablations sft --n {args.n} --jobs {args.jobs} --threads {args.threads}`
+(arms: `configs/ablations/sft_*.yaml`, trained from scratch, 2 arms at a time on the 2-core CPU).
+
+Every arm spends the same compute: Σ steps × (budget/64)² = 1000 optimizer steps at 64² with batch 16
+(`compute` column), about a quarter of the embedded default's recipe. Held-out **test** split, the same
+{args.n} samples for every arm ({n_edit} single edits, {args.n - n_edit} compositions with K = 2–6),
+evaluated with reference and target budgets 64² and 128², 20 sampler steps, EMA weights.
+`train h` is training wall time (noisy: two arms shared the machine, at times with a third job).
+
+{markdown_table(header, rows)}
+
+![loss and validation curves](ablations/sft_curves.png)
+
+Sample grid (test split; outputs left to right: {", ".join(models)}; then the target):
+
+![samples](ablations/sft_samples.png)
+"""
+    write("sft", text)
+    print(text)
+
+
+def run_budgets(args: argparse.Namespace) -> None:
+    """(c) The shipped model with SELF's joint budget vs diffusers' per-image budgets, K = 4–6."""
+    samples = test_samples(args.n, "compose", max_refs=6, min_refs=4)
+    rows, reports = [], {}
+    timings: dict[str, float] = {}
+    for mode in (PlanMode.GLOBAL, PlanMode.PER_IMAGE):
+        # Warm once, then time the full evaluation (one thread count for both modes).
+        eval_model("tiny", samples[:2], mode=mode)
+        reports[mode.value], timings[mode.value] = eval_model("tiny", samples, mode=mode)
+    for mode in (PlanMode.GLOBAL, PlanMode.PER_IMAGE):
+        tokens = [
+            sum(sz.width * sz.height for sz in plan([Size(*r.size) for r in s.refs], 64 * 64, 8, mode=mode).sizes) // 64
+            for s in samples
+        ]
+        report = reports[mode.value]
+        rows.append(
+            [mode.value, f"{sum(tokens) / len(tokens):.0f}"]
+            + metric_cells(report)
+            + [f"{timings[mode.value]:.1f}", f"{timings[mode.value] / timings['global']:.2f}×"]
+        )
+    header = ["reference budget", "reference tokens / sample"] + METRIC_HEADER + ["eval seconds", "time vs SELF"]
+    sample_grid(samples, reports, FIGURES / "budgets_samples.png")
+    ks = sorted({s.k for s in samples})
+    text = f"""## SELF's joint budget vs per-image budgets, K = 4–6 (issue 6: c)
+
+Command: `python -m benchmarks.ablations budgets --n {args.n}`
+
+The embedded default (trained with SELF) on {args.n} held-out test compositions with K in {ks}
+(compose, transfer, conflict), 20 sampler steps, target 64². `global`: all references share one 64²
+budget (SELF); `per_image`: each reference gets its own 64² (diffusers' rule), so the sequence grows
+with K. Same samples, same seeds; times are whole evaluations on this CPU, measured {time.strftime("%Y-%m-%d")}.
+
+{markdown_table(header, rows)}
+
+Sample grid (outputs: global, per_image; then the target):
+
+![samples](ablations/budgets_samples.png)
+"""
+    write("budgets", text)
+    print(text)
