@@ -93,10 +93,11 @@ def train_arms(kind: str, names: Sequence[str], jobs: int, threads: int) -> None
 
 
 def export_arm(name: str) -> Path:
-    """The arm's final weights (EMA for SFT) as a model folder ``<run>/final``."""
+    """The arm's newest checkpoint (EMA weights for SFT) as a model folder ``<run>/export_step_N``."""
     from uniref.train.export import export_run
 
-    out = arm_run(name) / "final"
+    step = _checkpoint_step(name)
+    out = arm_run(name) / f"export_step_{step:08d}"
     if not (out / "uniref_model.json").exists():
         export_run(arm_run(name), out)
     return out

@@ -10,6 +10,7 @@ from benchmarks._report import markdown_table
 from benchmarks.ablations import (
     FIGURES,
     METRIC_HEADER,
+    arm_config,
     arm_finished,
     eval_model,
     export_arm,
@@ -96,7 +97,7 @@ def run(args: argparse.Namespace) -> None:
     missing = [n for n in ARMS if not arm_finished(n)]
     if missing:
         raise SystemExit(f"arms not finished: {', '.join(missing)} (rerun without --no-train)")
-    cfg = read_yaml("configs/ablations/rl_reconcile.yaml")
+    cfg = read_yaml(arm_config("rl_reconcile"))
     max_refs, budget = cfg["data"]["max_refs"], cfg["rl"]["budget"]
     # Compositions only: the claim is about trading references against each other.
     samples = test_samples(args.n, "compose", max_refs=max_refs)

@@ -12,6 +12,8 @@ from benchmarks._report import markdown_table
 from benchmarks.ablations import (
     FIGURES,
     METRIC_HEADER,
+    ROOT,
+    arm_config,
     arm_finished,
     eval_model,
     export_arm,
@@ -39,8 +41,9 @@ EVAL_BUDGETS = (64, 128)
 
 
 def compute_units(name: str) -> float:
-    """Σ steps × (budget / 64)² × batch / 16 over the arm's stages: optimizer steps at 64², batch 16."""
-    stages = read_yaml(f"configs/ablations/{name}.yaml")["stages"]
+    """Σ steps × (budget / 64)² × batch / 16 over the arm's stages (or a config file's):
+    optimizer steps at 64², batch 16."""
+    stages = read_yaml(arm_config(name) if "/" not in name else name)["stages"]
     return sum(s["steps"] * (s["budget"] / 64) ** 2 * s["batch_size"] / 16 for s in stages)
 
 
@@ -54,7 +57,7 @@ def curves(out_png: str) -> None:
     fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(11, 3.8), dpi=110)
     for name, label in ARMS.items():
         rows = metrics_rows(name)
-        stages = read_yaml(f"configs/ablations/{name}.yaml")["stages"]
+        stages = read_yaml(arm_config(name))["stages"]
         spent, per_step = [], []
         for s in stages:
             per_step += [(s["budget"] / 64) ** 2 * s["batch_size"] / 16] * s["steps"]
@@ -113,15 +116,19 @@ def run(args: argparse.Namespace) -> None:
     curves("sft_curves.png")
     sample_grid(samples, reports[128], FIGURES / "sft_samples.png")
     n_edit = sum(s.k == 1 for s in samples)
+    units = compute_units("sft_fixed64")
+    share = units / compute_units(str(ROOT / "configs" / "tiny_sft.yaml"))
     text = f"""## SFT: budget schedule, task mix, training (issue 6: a, b, d)
 
 Command: `python -m benchmarks.ablations sft --n {args.n} --jobs {args.jobs} --threads {args.threads}`
-(arms: `configs/ablations/sft_*.yaml`, trained from scratch, 2 arms at a time on the 2-core CPU).
+(arms: `configs/ablations/sft_*.yaml`, trained from scratch, {args.jobs} at a time on the 2-core CPU,
+{args.threads} thread(s) each).
 
-Every arm spends the same compute: Σ steps × (budget/64)² = 1000 optimizer steps at 64² with batch 16
-(`compute` column), about a quarter of the embedded default's recipe. Held-out **test** split, the same
-{args.n} samples for every arm ({n_edit} single edits, {args.n - n_edit} compositions with K = 2–6),
-evaluated with reference and target budgets 64² and 128², 20 sampler steps, EMA weights.
+Every arm spends the same compute: Σ steps × (budget/64)² = {units:.0f} optimizer steps at 64² with
+batch 16 (`compute` column), {share:.2f}× the embedded default's recipe (`configs/tiny_sft.yaml`).
+Held-out **test** split, the same {args.n} samples for every arm ({n_edit} single edits,
+{args.n - n_edit} compositions with K = 2–6), evaluated with reference and target budgets 64² and
+128², 20 sampler steps, EMA weights.
 `train h` is training wall time (noisy: two arms shared the machine, at times with a third job).
 
 {markdown_table(header, rows)}
