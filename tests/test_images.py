@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from uniref.errors import ImageInputError
-from uniref.images import load_image, load_images, save_image, to_pil, to_rgb, to_tensor
+from uniref.images import atomic_path, load_image, load_images, save_image, to_pil, to_rgb, to_tensor
 
 
 def _write(img: Image.Image, path: Path, **kw: object) -> Path:
@@ -118,6 +118,17 @@ def test_save_is_atomic_and_leaves_no_temp_files(tmp_path: Path) -> None:
     umask = os.umask(0)
     os.umask(umask)
     assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's private 0600
+
+
+def test_atomic_path_keeps_the_usual_mode_when_the_writer_recreates_the_file(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    out = tmp_path / "w.safetensors"
+    with atomic_path(out) as tmp:
+        save_file({"a": torch.zeros(2)}, str(tmp))  # safetensors replaces the file it is given
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_failed_save_keeps_the_previous_file(tmp_path: Path) -> None:
