@@ -111,7 +111,13 @@ def run(args: argparse.Namespace) -> None:
         tasks=parse_tasks(",".join(cfg["data"]["task_mix"])), max_refs=max_refs, size_range=SizeRange.parse("48:160")
     )
     val = split_samples("val", cfg["log"]["val_samples"], val_config)
-    base_val = eval_model("tiny", val, budget=budget, steps=cfg["log"]["val_steps"])[0].worst_ref_consistency
+    base_report = eval_model("tiny", val, budget=budget, steps=cfg["log"]["val_steps"])[0]
+    base_val = base_report.worst_ref_consistency
+    # Validation (the arms' task mix, edits included) before RL and at each arm's last step.
+    val_rows = [["SFT only (embedded default)", "0"] + metric_cells(base_report)]
+    for name, label in ARMS.items():
+        last = [r for r in metrics_rows(name) if VAL_KEY in r][-1]
+        val_rows.append([label, str(last["step"])] + [f"{last[f'val/{m}']:.3f}" for m in METRICS])
 
     rows = []
     for label, report in reports.items():
@@ -146,11 +152,14 @@ def run(args: argparse.Namespace) -> None:
     per_step = [training_seconds(rs)[-1][1] / max(1, training_seconds(rs)[-1][0]) for rs in (window_rows, full_rows)]
     curves(base_val, "rl_curves.png")
     sample_grid(samples, reports, FIGURES / "rl_samples.png")
+    rl = cfg["rl"]
     text = f"""## MSGRPO: SFT only vs summed-reward GRPO vs multi-source GRPO (issue 7)
 
 Command: `python -m benchmarks.ablations rl --n {args.n} --jobs {args.jobs} --threads {args.threads}`
 (arms: `configs/ablations/rl_*.yaml`; all start from the shipped tiny model, see the same prompts, noise
-seeds and SDE windows, with P = 4 prompts × G = 8 samples, T = 10 sampler steps, lr 5e-5, no KL).
+seeds and SDE windows, with P = {rl["prompts_per_step"]} prompts × G = {rl["group_size"]} samples,
+T = {rl["sample_steps"]} sampler steps, lr {cfg["optim"]["lr"]:g}, KL coefficient {rl["kl_coef"]:g},
+reward weights {rl["weights"]}).
 
 Held-out **test** compositions (compose, transfer, conflict; K = 2–{max_refs}), the same {args.n} for every arm,
 reference and target budget {budget}², 20 sampler steps (ODE). The two window-3 arms cost the same compute
@@ -161,6 +170,11 @@ per step; the full-trajectory arm trains on 3× as many steps per rollout.
 Change against SFT only:
 
 {markdown_table(["arm", "ref consistency", "worst ref", "instruction", "quality"], deltas)}
+
+Validation prompts of the runs ({len(val)} from the val split, the arms' own task mix with edits,
+{cfg["log"]["val_steps"]} sampler steps), before RL and at the last step:
+
+{markdown_table(["arm", "RL step"] + METRIC_HEADER, val_rows)}
 
 **SDE window vs full trajectory.** Mean training seconds per RL step: {per_step[0]:.1f} (window 3) vs
 {per_step[1]:.1f} (full, 9 steps): {per_step[1] / per_step[0]:.2f}× per step. {speed}
