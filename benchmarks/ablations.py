@@ -167,7 +167,6 @@ def sample_grid(samples: Sequence[Sample], reports: dict[str, EvalReport], out: 
             list(s.refs),
             [reports[n].outputs[i] for n in names] + [s.target],
             f"[{s.task}] {s.instruction}",
-            extra_lines=["", "outputs: " + ", ".join(names) + ", then target"],
         )
         for i, s in enumerate(samples[:GRID_ROWS])
     ]

@@ -159,7 +159,7 @@ Command: `python -m benchmarks.ablations rl --n {args.n} --jobs {args.jobs} --th
 (arms: `configs/ablations/rl_*.yaml`; all start from the shipped tiny model, see the same prompts, noise
 seeds and SDE windows, with P = {rl["prompts_per_step"]} prompts × G = {rl["group_size"]} samples,
 T = {rl["sample_steps"]} sampler steps, lr {cfg["optim"]["lr"]:g}, KL coefficient {rl["kl_coef"]:g},
-reward weights {rl["weights"]}).
+reward weights {", ".join(f"{k} {v:g}" for k, v in rl["weights"].items())}).
 
 Held-out **test** compositions (compose, transfer, conflict; K = 2–{max_refs}), the same {args.n} for every arm,
 reference and target budget {budget}², 20 sampler steps (ODE). The two window-3 arms cost the same compute

@@ -146,38 +146,42 @@ Sample grid (test split; outputs left to right: {", ".join(models)}; then the ta
 def run_budgets(args: argparse.Namespace) -> None:
     """(c) The shipped model with SELF's joint budget vs diffusers' per-image budgets, K = 4–6."""
     samples = test_samples(args.n, "compose", max_refs=6, min_refs=4)
-    rows, reports = [], {}
-    timings: dict[str, float] = {}
-    for mode in (PlanMode.GLOBAL, PlanMode.PER_IMAGE):
-        # Warm once, then time the full evaluation (one thread count for both modes).
-        eval_model("tiny", samples[:2], mode=mode)
-        reports[mode.value], timings[mode.value] = eval_model("tiny", samples, mode=mode)
-    for mode in (PlanMode.GLOBAL, PlanMode.PER_IMAGE):
-        tokens = [
-            sum(sz.width * sz.height for sz in plan([Size(*r.size) for r in s.refs], 64 * 64, 8, mode=mode).sizes) // 64
-            for s in samples
-        ]
-        report = reports[mode.value]
-        rows.append(
-            [mode.value, f"{sum(tokens) / len(tokens):.0f}"]
-            + metric_cells(report)
-            + [f"{timings[mode.value]:.1f}", f"{timings[mode.value] / timings['global']:.2f}×"]
-        )
-    header = ["reference budget", "reference tokens / sample"] + METRIC_HEADER + ["eval seconds", "time vs SELF"]
-    sample_grid(samples, reports, FIGURES / "budgets_samples.png")
+    rows, grid = [], {}
+    for budget in EVAL_BUDGETS:
+        reports, timings = {}, {}
+        for mode in (PlanMode.GLOBAL, PlanMode.PER_IMAGE):
+            # Warm once, then time the full evaluation (one thread count for both modes).
+            eval_model("tiny", samples[:2], budget=budget, mode=mode)
+            reports[mode], timings[mode] = eval_model("tiny", samples, budget=budget, mode=mode)
+        for mode, report in reports.items():
+            tokens = [
+                sum(sz.width * sz.height for sz in plan([Size(*r.size) for r in s.refs], budget**2, 8, mode=mode).sizes)
+                // 64
+                for s in samples
+            ]
+            rows.append(
+                [f"{budget}²", mode.value, f"{sum(tokens) / len(tokens):.0f}"]
+                + metric_cells(report)
+                + [f"{timings[mode]:.1f}", f"{timings[mode] / timings[PlanMode.GLOBAL]:.2f}×"]
+            )
+            grid[f"{mode.value} @{budget}²"] = report
+    header = ["budget", "reference budget", "reference tokens / sample"] + METRIC_HEADER
+    header += ["eval seconds", "time vs SELF"]
+    sample_grid(samples, grid, FIGURES / "budgets_samples.png")
     ks = sorted({s.k for s in samples})
     text = f"""## SELF's joint budget vs per-image budgets, K = 4–6 (issue 6: c)
 
 Command: `python -m benchmarks.ablations budgets --n {args.n}`
 
-The embedded default (trained with SELF) on {args.n} held-out test compositions with K in {ks}
-(compose, transfer, conflict), 20 sampler steps, target 64². `global`: all references share one 64²
-budget (SELF); `per_image`: each reference gets its own 64² (diffusers' rule), so the sequence grows
-with K. Same samples, same seeds; times are whole evaluations on this CPU, measured {time.strftime("%Y-%m-%d")}.
+The embedded default (trained with SELF, final stage at 128²) on {args.n} held-out test compositions
+with K in {ks} (compose, transfer, conflict), 20 sampler steps, target at the same budget.
+`global`: all references share one budget (SELF); `per_image`: each reference gets the whole budget
+(diffusers' rule), so the sequence grows with K. Same samples, same seeds; times are whole
+evaluations on this CPU (one process, all threads), measured {time.strftime("%Y-%m-%d")}.
 
 {markdown_table(header, rows)}
 
-Sample grid (outputs: global, per_image; then the target):
+Sample grid (outputs: {", ".join(grid)}; then the target):
 
 ![samples](ablations/budgets_samples.png)
 """
