@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from uniref.budget import Plan, PlanMode, Size, min_budget_side, parse_budget, plan, plan_target
+from uniref.budget import Plan, PlanMode, Size, _best_size, min_budget_side, parse_budget, plan, plan_target
 from uniref.errors import BudgetError
 
 BUDGETS = [1024**2, 1536**2, 2048**2]
@@ -141,3 +141,23 @@ def test_plan_reports_tokens_use_and_aspect_errors() -> None:
     assert result.sizes == (Size(1024, 1024),)
     assert result.tokens() == [4096] and result.tokens(8) == [16384]
     assert result.budget_use == 1.0 and result.aspect_errors() == [0.0]
+
+
+@given(
+    size=any_size,
+    target_area=st.floats(min_value=1.0, max_value=4096.0**2, allow_nan=False),
+    multiple=st.sampled_from([8, 16, 32]),
+)
+def test_best_size_is_the_first_cheapest_candidate_of_its_window(size: Size, target_area: float, multiple: int) -> None:
+    # The documented rule, written plainly: of the 4 x 4 sides nearest the ideal ones, the size with
+    # the least aspect error + 0.5 x area error (log scale), the first one on ties.
+    def near(ideal: float) -> range:
+        return range(max(1, math.floor(ideal) - 1), max(1, math.floor(ideal) + 2) + 1)
+
+    def cost(c: Size) -> float:
+        return abs(math.log(c.aspect / size.aspect)) + 0.5 * abs(math.log(c.area / target_area))
+
+    ideal_w = math.sqrt(target_area * size.aspect) / multiple
+    ideal_h = math.sqrt(target_area / size.aspect) / multiple
+    cands = [Size(w * multiple, h * multiple) for w in near(ideal_w) for h in near(ideal_h)]
+    assert _best_size(size, target_area, multiple) == min(cands, key=cost)

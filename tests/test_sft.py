@@ -210,9 +210,7 @@ def test_sft_runs_the_qwen_image_edit_adapter_through_the_same_loop(tmp_path: Pa
     """One code path: LoRA SFT of a (tiny random) diffusers Qwen-Image-Edit folder, with resume."""
     qwen_tiny = pytest.importorskip("qwen_tiny")
     folder = qwen_tiny.save_folder(qwen_tiny.build_components(zero_cond_t=True), tmp_path / "qwen")
-    overrides = [
-        o for o in TINY if not o.startswith(("model.", "stages=", "loss."))
-    ] + [
+    overrides = [o for o in TINY if not o.startswith(("model.", "stages=", "loss."))] + [
         f"model.name={folder}",
         "model.lora.enabled=true",
         "model.lora.rank=4",

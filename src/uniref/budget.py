@@ -247,10 +247,13 @@ def _global_sizes(
         lo, hi = hi, hi * 2
     for _ in range(_BISECT_ITERS):
         mid = (lo + hi) / 2
+        before = (lo, hi)
         if sum(s.area for s in sizes_at(mid)) <= budget:
             lo = mid
         else:
             hi = mid
+        if (lo, hi) == before:  # floats ran out between lo and hi: every further step repeats this one
+            break
     planned = sizes_at(lo)
     if sum(s.area for s in planned) > budget:  # scale 0 gives minimum sizes, which fit (checked above)
         planned = [Size(multiple, multiple)] * k
@@ -260,29 +263,26 @@ def _global_sizes(
 def _best_size(original: Size, target_area: float, multiple: int) -> Size:
     """The candidate size (sides multiples of ``multiple``, >= ``multiple``) closest to
     ``target_area`` with ``original``'s aspect, by aspect error plus weighted area error."""
+    # Plain floats rather than Size objects in the loop: the global planner calls this ~70 times per
+    # image and plan, inside every training step.
     target_area = max(target_area, 1.0)
-    ideal_w = math.sqrt(target_area * original.aspect) / multiple
-    ideal_h = math.sqrt(target_area / original.aspect) / multiple
-    best: tuple[float, Size] | None = None
+    aspect = original.width / original.height
+    ideal_w = math.sqrt(target_area * aspect) / multiple
+    ideal_h = math.sqrt(target_area / aspect) / multiple
+    heights = [hi * multiple for hi in _near(ideal_h)]
+    best_cost, best_w, best_h = math.inf, 0, 0
     for wi in _near(ideal_w):
-        for hi in _near(ideal_h):
-            cand = Size(wi * multiple, hi * multiple)
-            cost = _size_cost(cand, original, target_area)
-            if best is None or cost < best[0]:
-                best = (cost, cand)
-    assert best is not None
-    return best[1]
+        w = wi * multiple
+        for h in heights:
+            cost = abs(math.log(w / h / aspect)) + _AREA_ERROR_WEIGHT * abs(math.log(w * h / target_area))
+            if cost < best_cost:
+                best_cost, best_w, best_h = cost, w, h
+    return Size(best_w, best_h)
 
 
 def _near(ideal: float) -> range:
     centre = math.floor(ideal)
     return range(max(1, centre - _SEARCH_RADIUS + 1), max(1, centre + _SEARCH_RADIUS) + 1)
-
-
-def _size_cost(cand: Size, original: Size, target_area: float) -> float:
-    aspect_err = _aspect_err(cand, original)
-    area_err = abs(math.log(cand.area / target_area))
-    return aspect_err + _AREA_ERROR_WEIGHT * area_err
 
 
 def _fill_slack(
