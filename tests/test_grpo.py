@@ -174,3 +174,23 @@ def test_grpo_kl_term_is_squared_mean_difference_over_twice_the_step_variance():
     logp = torch.zeros(2, dtype=torch.float64)
     out = grpo.clipped_policy_loss(logp, logp, torch.zeros(2, dtype=torch.float64), kl=kl, kl_coef=0.5)
     assert float(out.loss.detach()) == pytest.approx(0.5 * 4.5) and float(out.kl) == pytest.approx(4.5)
+
+
+def test_ref_conflict_counts_pairs_the_references_rank_oppositely() -> None:
+    # Group "a": A = (1, 0) drops reference 2, B = (0.45, 0.45), C = (0.8, 0.6).
+    # (A, B): reference 1 prefers A by 0.55, reference 2 prefers B by 0.45 -> conflict.
+    # (A, C): reference 1 prefers A by 0.2, reference 2 prefers C by 0.6 -> conflict.
+    # (B, C): C is better on both -> none. Group "b" has one reference: its one pair cannot conflict.
+    rewards = [
+        {"ref_1": 1.0, "ref_2": 0.0},
+        {"ref_1": 0.45, "ref_2": 0.45},
+        {"ref_1": 0.8, "ref_2": 0.6},
+        {"ref_1": 0.3},
+        {"ref_1": 0.9},
+    ]
+    table = grpo.reward_table(rewards, ["a", "a", "a", "b", "b"])
+    assert grpo.ref_conflict_fraction(table) == pytest.approx(2 / 4)
+    # A difference within the margin is no preference: at 0.3, (A, C)'s 0.2 no longer votes.
+    assert grpo.ref_conflict_fraction(table, margin=0.3) == pytest.approx(1 / 4)
+    single = grpo.reward_table([{"ref_1": 0.1}, {"ref_1": 0.7}], [0, 0])
+    assert grpo.ref_conflict_fraction(single) == 0.0

@@ -46,6 +46,7 @@ def test_grpo_first_update_ratio_is_exactly_one_and_rewards_are_logged_by_source
     for key in ("reward/ref_mean", "reward/worst_ref", "reward/instruction", "reward/quality", "grad_norm"):
         assert key in rows[0]
     assert rows[0]["reward/worst_ref"] <= rows[0]["reward/ref_mean"]
+    assert all(0.0 <= r["ref_conflict"] <= 1.0 for r in rows)
 
 
 def test_grpo_update_changes_the_weights_and_resume_is_exact(tmp_path: Path) -> None:

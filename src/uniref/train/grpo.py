@@ -223,6 +223,30 @@ def reconcile(
     return out
 
 
+def ref_conflict_fraction(table: RewardTable, margin: float = 0.05) -> float:
+    """Share of within-group pairs of valid samples that their references rank in opposite directions: some
+    reference prefers one sample by more than ``margin`` and another reference prefers the other.
+
+    Only such pairs let a summed reward trade one reference for another, so this is the share of the signal
+    where ``reconcile`` can differ from ``raw_sum`` at all; 0 when no group has two references.
+    """
+    refs = table.ref_names()
+    if len(refs) < 2:
+        return 0.0
+    matrix = torch.stack([table.columns[n] for n in refs], dim=-1)  # (N, K_max), NaN where absent
+    pairs = conflicts = 0
+    for g in table.group_ids.unique():
+        r = matrix[(table.group_ids == g) & table.valid]
+        if len(r) < 2:
+            continue
+        diff = r[:, None, :] - r[None, :, :]  # NaN comparisons are False: absent references never vote
+        conflict = (diff > margin).any(-1) & (diff < -margin).any(-1)
+        upper = torch.triu(torch.ones_like(conflict), diagonal=1)
+        pairs += int(upper.sum())
+        conflicts += int((conflict & upper).sum())
+    return conflicts / pairs if pairs else 0.0
+
+
 AGGREGATORS: dict[str, Aggregator] = {"raw_sum": raw_sum, "weighted_sum": weighted_sum, "reconcile": reconcile}
 
 

@@ -44,7 +44,7 @@ from uniref.pipeline import EditPipeline, Prepared, pack_for_denoising, target_v
 from uniref.rewards import RewardSource, SceneRewards
 from uniref.sequence import PackedBatch
 from uniref.train.config import RewardSection, RLConfig, RLSection
-from uniref.train.grpo import clipped_policy_loss, compute_advantages, kl_to_reference
+from uniref.train.grpo import clipped_policy_loss, compute_advantages, kl_to_reference, ref_conflict_fraction
 from uniref.train.observe import Observer
 from uniref.train.runtime import Runtime, start_run
 from uniref.train.sft import RunSummary, noise_seed
@@ -253,6 +253,7 @@ def train_rl(config: RLConfig, hooks: Any = None) -> RunSummary:
             if rt.is_main and (step + 1) % config.log.log_every == 0:
                 scalars = {"loss": losses[-1], **stats, **_reward_scalars(scores), "dropped": adv.dropped}
                 scalars |= {"adv_abs_mean": float(adv.advantages.abs().mean()), "sample_seconds": sample_seconds}
+                scalars["ref_conflict"] = ref_conflict_fraction(adv.table)
                 scalars["step_seconds"] = time.perf_counter() - tick
                 scalars.update(update or {})
                 rt.log(step + 1, scalars)
