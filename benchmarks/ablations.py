@@ -5,6 +5,7 @@ section of docs/ablations.md with loss/reward curves and a sample grid (PNG, und
     python -m benchmarks.ablations sft      # (a) trained vs untrained, (b) budget schedule, (d) task mix
     python -m benchmarks.ablations budgets  # (c) SELF global budget vs per-image budgets, K = 4-6
     python -m benchmarks.ablations rl       # SFT only vs summed-reward GRPO vs MSGRPO; SDE window vs full
+    python -m benchmarks.ablations rl --replicate 1  # the two window arms again, other seeds and prompts
 
 Arms are the YAML files in configs/ablations/ (each also runs alone with ``uniref train``); arms of a
 study cost the same compute. ``--jobs`` arms train at once, each on ``--threads`` CPU threads.
@@ -51,37 +52,52 @@ def arm_config(name: str) -> Path:
     return CONFIGS / f"{name}.yaml"
 
 
-def arm_run(name: str) -> Path:
+# A replicate r > 0 reruns an arm with other noise seeds and other prompts: run.seed r and the data
+# stream moved by r * REPLICATE_PROMPTS, into runs/ablations/replicate<r>/<arm>.
+REPLICATE_PROMPTS = 100_000
+
+
+def replicate_overrides(name: str, replicate: int) -> list[str]:
+    if not replicate:
+        return []
+    offset = read_yaml(arm_config(name))["data"].get("seed_offset", 0) + replicate * REPLICATE_PROMPTS
+    return [f"run.seed={replicate}", f"data.seed_offset={offset}", f"run.output_dir={arm_run(name, replicate)}"]
+
+
+def arm_run(name: str, replicate: int = 0) -> Path:
+    if replicate:
+        return ROOT / "runs" / "ablations" / f"replicate{replicate}" / name
     return ROOT / read_yaml(arm_config(name))["run"]["output_dir"]
 
 
-def arm_finished(name: str) -> bool:
-    metrics = arm_run(name) / "metrics.jsonl"
+def arm_finished(name: str, replicate: int = 0) -> bool:
+    metrics = arm_run(name, replicate) / "metrics.jsonl"
     if not metrics.exists():
         return False
     target = read_yaml(arm_config(name))["train"]["max_steps"]
     steps = [json.loads(line).get("step", 0) for line in metrics.read_text().splitlines() if line.strip()]
-    return bool(steps) and max(steps) >= target and _checkpoint_step(name) >= target
+    return bool(steps) and max(steps) >= target and _checkpoint_step(name, replicate) >= target
 
 
-def _checkpoint_step(name: str) -> int:
+def _checkpoint_step(name: str, replicate: int = 0) -> int:
     from uniref.train.checkpoint import latest_checkpoint
 
-    ckpt = latest_checkpoint(arm_run(name))
+    ckpt = latest_checkpoint(arm_run(name, replicate))
     return int(ckpt.name.split("_")[-1]) if ckpt else -1
 
 
-def train_arms(kind: str, names: Sequence[str], jobs: int, threads: int) -> None:
+def train_arms(kind: str, names: Sequence[str], jobs: int, threads: int, replicate: int = 0) -> None:
     """Run ``uniref train KIND`` for every unfinished arm, ``jobs`` at a time (a rerun resumes)."""
-    todo = [n for n in names if not arm_finished(n)]
+    todo = [n for n in names if not arm_finished(n, replicate)]
     if not todo:
         return
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
 
     def run(name: str) -> None:
-        log = arm_run(name).with_suffix(".log")
+        log = arm_run(name, replicate).with_suffix(".log")
         log.parent.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "uniref", "train", kind, "--config", str(arm_config(name)), "log.progress=false"]
+        cmd += replicate_overrides(name, replicate)
         print(f"training {name}: {' '.join(cmd[2:])} (log: {log})", flush=True)
         with log.open("a") as out:
             code = subprocess.call(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -92,19 +108,19 @@ def train_arms(kind: str, names: Sequence[str], jobs: int, threads: int) -> None
         list(pool.map(run, todo))
 
 
-def export_arm(name: str) -> Path:
+def export_arm(name: str, replicate: int = 0) -> Path:
     """The arm's newest checkpoint (EMA weights for SFT) as a model folder ``<run>/export_step_N``."""
     from uniref.train.export import export_run
 
-    step = _checkpoint_step(name)
-    out = arm_run(name) / f"export_step_{step:08d}"
+    step = _checkpoint_step(name, replicate)
+    out = arm_run(name, replicate) / f"export_step_{step:08d}"
     if not (out / "uniref_model.json").exists():
-        export_run(arm_run(name), out)
+        export_run(arm_run(name, replicate), out)
     return out
 
 
-def metrics_rows(name: str) -> list[dict]:
-    path = arm_run(name) / "metrics.jsonl"
+def metrics_rows(name: str, replicate: int = 0) -> list[dict]:
+    path = arm_run(name, replicate) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
@@ -199,6 +215,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--jobs", type=int, default=2, help="arms trained at once")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads per arm")
     parser.add_argument("--no-train", action="store_true", help="only evaluate (arms must be finished)")
+    parser.add_argument(
+        "--replicate",
+        type=int,
+        default=0,
+        help="rl only: rerun the two window arms with run.seed N and other prompts (N >= 1), report them apart",
+    )
     args = parser.parse_args(argv)
     if args.study == "rl":
         from benchmarks import ablations_rl

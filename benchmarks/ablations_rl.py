@@ -5,11 +5,15 @@ the full trajectory. Run through ``python -m benchmarks.ablations rl``; see that
 from __future__ import annotations
 
 import argparse
+import re
+
+import numpy as np
 
 from benchmarks._report import markdown_table
 from benchmarks.ablations import (
     FIGURES,
     METRIC_HEADER,
+    ROOT,
     arm_config,
     arm_finished,
     eval_model,
@@ -92,6 +96,9 @@ def curves(base_val: float, out_png: str) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    if args.replicate:
+        run_replicate(args)
+        return
     if not args.no_train:
         # Longest arm first, so the pool finishes sooner.
         train_arms("rl", sorted(ARMS, key=lambda n: n != "rl_full"), args.jobs, args.threads)
@@ -186,4 +193,78 @@ Sample grid (test compositions; outputs left to right: {", ".join(models)}; then
 ![samples](ablations/rl_samples.png)
 """
     write("rl", text)
+    print(text)
+
+
+# --- replicates: is the aggregator gap larger than run-to-run noise? -------------------------------
+
+REPLICATE_ARMS = ("rl_raw_sum", "rl_reconcile")
+BOOTSTRAP = 2000
+
+
+def paired_bootstrap(a: EvalReport, b: EvalReport, attr: str) -> tuple[float, float, float]:
+    """Mean of b − a over the same samples and its 95% bootstrap interval (samples resampled)."""
+    d = np.array([getattr(y.score, attr) - getattr(x.score, attr) for x, y in zip(a.records, b.records, strict=True)])
+    rng = np.random.default_rng(0)
+    means = d[rng.integers(0, len(d), size=(BOOTSTRAP, len(d)))].mean(axis=1)
+    lo, hi = np.quantile(means, [0.025, 0.975])
+    return float(d.mean()), float(lo), float(hi)
+
+
+def finished_replicates() -> list[int]:
+    found = []
+    for path in sorted((ROOT / "runs" / "ablations").glob("replicate*")):
+        match = re.fullmatch(r"replicate(\d+)", path.name)
+        if match and all(arm_finished(n, int(match[1])) for n in REPLICATE_ARMS):
+            found.append(int(match[1]))
+    return found
+
+
+def run_replicate(args: argparse.Namespace) -> None:
+    """Train the two window arms again with other seeds and prompts; compare them with a paired bootstrap
+    over the test samples, for every finished replicate on disk."""
+    if not args.no_train:
+        train_arms("rl", REPLICATE_ARMS, args.jobs, args.threads, replicate=args.replicate)
+    replicates = sorted(set(finished_replicates()) | {args.replicate})
+    missing = [(r, n) for r in replicates for n in REPLICATE_ARMS if not arm_finished(n, r)]
+    if missing:
+        raise SystemExit(f"arms not finished: {missing} (rerun without --no-train)")
+    cfg = read_yaml(arm_config("rl_reconcile"))
+    max_refs, budget = cfg["data"]["max_refs"], cfg["rl"]["budget"]
+    samples = test_samples(args.n, "compose", max_refs=max_refs)
+    sft, _ = eval_model("tiny", samples, budget=budget)
+    rows = [["SFT only (embedded default)", "–", "0", "–", "–"] + metric_cells(sft)]
+    gaps = []
+    for r in replicates:
+        reports = {}
+        for name in REPLICATE_ARMS:
+            reports[name], _ = eval_model(export_arm(name, r), samples, budget=budget)
+            arm_rows = metrics_rows(name, r)
+            clock = training_seconds(arm_rows)
+            conflict = [x["ref_conflict"] for x in arm_rows if "ref_conflict" in x]
+            rows.append(
+                [ARMS[name], str(r), str(clock[-1][0]), f"{clock[-1][1] / 60:.1f}", f"{np.mean(conflict):.3f}"]
+                + metric_cells(reports[name])
+            )
+        for attr, label in (("worst_ref", "worst ref"), ("ref_consistency", "ref consistency")):
+            mean, lo, hi = paired_bootstrap(reports["rl_raw_sum"], reports["rl_reconcile"], attr)
+            gaps.append([str(r), label, f"{mean:+.3f}", f"[{lo:+.3f}, {hi:+.3f}]"])
+    header = ["arm", "replicate", "RL steps", "train min", "mean ref_conflict"] + METRIC_HEADER
+    runs = ", ".join(f"replicate {r}: run.seed {r}, prompts moved by {r}×100,000" for r in replicates)
+    text = f"""## MSGRPO vs summed GRPO: replicates (issue 7)
+
+Command: `python -m benchmarks.ablations rl --replicate N --n {args.n} --jobs {args.jobs} --threads {args.threads}`
+(the two window-3 arms of the table above again, with other noise seeds and other training prompts:
+{runs}; written for every finished replicate under `runs/ablations/`). Test set, budget and sampler as
+above (the same {args.n} held-out compositions), so replicate 0 is the table above.
+`mean ref_conflict` is the training log's mean share of group pairs whose references rank oppositely.
+
+{markdown_table(header, rows)}
+
+MSGRPO (reconcile) minus summed GRPO on the same test samples, with a 95% paired bootstrap interval over
+the samples ({BOOTSTRAP} resamples; it covers test-sample noise, not training noise):
+
+{markdown_table(["replicate", "metric", "reconcile − raw_sum", "95% interval"], gaps)}
+"""
+    write("rl_replicates", text)
     print(text)

@@ -1,5 +1,5 @@
-"""benchmarks/bench_model.py's stand-ins still fit the code they measure (the benchmark takes minutes;
-these take seconds)."""
+"""The model benchmark's stand-ins (benchmarks/bench_model_mid.py) still fit the code they measure (the
+benchmark takes minutes; these take seconds)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ pytest.importorskip("diffusers")
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `benchmarks` is a top-level folder, not an installed package
     sys.path.insert(0, str(ROOT))
-bench = pytest.importorskip("benchmarks.bench_model")
+bench = pytest.importorskip("benchmarks.bench_model_mid")
+timing = pytest.importorskip("benchmarks._timing")
 
 from uniref.budget import Size  # noqa: E402
 from uniref.pipeline import EditPipeline  # noqa: E402
@@ -22,7 +23,7 @@ from uniref.pipeline import EditPipeline  # noqa: E402
 
 @pytest.fixture(scope="module")
 def mid_pipe():
-    return EditPipeline(bench.build_mid_model(bench.load_qwen_tiny()))
+    return EditPipeline(bench.build_mid_model(timing.load_qwen_tiny()))
 
 
 def test_patch_codec_gives_the_qwen_vae_geometry_through_our_adapter(mid_pipe):
