@@ -13,6 +13,7 @@ from benchmarks._report import markdown_table
 from benchmarks.ablations import (
     FIGURES,
     METRIC_HEADER,
+    REPLICATE_PROMPTS,
     ROOT,
     arm_config,
     arm_finished,
@@ -212,7 +213,8 @@ def paired_bootstrap(a: EvalReport, b: EvalReport, attr: str) -> tuple[float, fl
 
 
 def finished_replicates() -> list[int]:
-    found = []
+    """Replicates whose two arms are finished on disk; 0 is the main study's own runs."""
+    found = [0] if all(arm_finished(n) for n in REPLICATE_ARMS) else []
     for path in sorted((ROOT / "runs" / "ablations").glob("replicate*")):
         match = re.fullmatch(r"replicate(\d+)", path.name)
         if match and all(arm_finished(n, int(match[1])) for n in REPLICATE_ARMS):
@@ -225,7 +227,7 @@ def run_replicate(args: argparse.Namespace) -> None:
     over the test samples, for every finished replicate on disk."""
     if not args.no_train:
         train_arms("rl", REPLICATE_ARMS, args.jobs, args.threads, replicate=args.replicate)
-    replicates = sorted(set(finished_replicates()) | {args.replicate})
+    replicates = sorted(set(finished_replicates()) | {args.replicate})  # args.replicate >= 1 here
     missing = [(r, n) for r in replicates for n in REPLICATE_ARMS if not arm_finished(n, r)]
     if missing:
         raise SystemExit(f"arms not finished: {missing} (rerun without --no-train)")
@@ -241,22 +243,28 @@ def run_replicate(args: argparse.Namespace) -> None:
             reports[name], _ = eval_model(export_arm(name, r), samples, budget=budget)
             arm_rows = metrics_rows(name, r)
             clock = training_seconds(arm_rows)
-            conflict = [x["ref_conflict"] for x in arm_rows if "ref_conflict" in x]
+            conflict = [x["ref_conflict"] for x in arm_rows if "ref_conflict" in x]  # logged since 3ac2989
+            conflict_cell = f"{np.mean(conflict):.3f}" if conflict else "–"
             rows.append(
-                [ARMS[name], str(r), str(clock[-1][0]), f"{clock[-1][1] / 60:.1f}", f"{np.mean(conflict):.3f}"]
+                [ARMS[name], str(r), str(clock[-1][0]), f"{clock[-1][1] / 60:.1f}", conflict_cell]
                 + metric_cells(reports[name])
             )
         for attr, label in (("worst_ref", "worst ref"), ("ref_consistency", "ref consistency")):
             mean, lo, hi = paired_bootstrap(reports["rl_raw_sum"], reports["rl_reconcile"], attr)
             gaps.append([str(r), label, f"{mean:+.3f}", f"[{lo:+.3f}, {hi:+.3f}]"])
     header = ["arm", "replicate", "RL steps", "train min", "mean ref_conflict"] + METRIC_HEADER
-    runs = ", ".join(f"replicate {r}: run.seed {r}, prompts moved by {r}×100,000" for r in replicates)
+    runs = "; ".join(
+        f"Replicate {r}: run.seed {r}, data.seed_offset + {r * REPLICATE_PROMPTS:,} (other prompts)"
+        if r
+        else "Replicate 0: the configs as they are"
+        for r in replicates
+    )
     text = f"""## MSGRPO vs summed GRPO: replicates (issue 7)
 
 Command: `python -m benchmarks.ablations rl --replicate N --n {args.n} --jobs {args.jobs} --threads {args.threads}`
-(the two window-3 arms of the table above again, with other noise seeds and other training prompts:
-{runs}; written for every finished replicate under `runs/ablations/`). Test set, budget and sampler as
-above (the same {args.n} held-out compositions), so replicate 0 is the table above.
+(the two window-3 arms of the table above again, with other noise seeds and other training prompts; the
+section lists every finished replicate on disk). {runs}. Test set, budget and sampler as above (the same
+{args.n} held-out compositions); replicate 0, the table above, is listed here when its runs are on disk.
 `mean ref_conflict` is the training log's mean share of group pairs whose references rank oppositely.
 
 {markdown_table(header, rows)}

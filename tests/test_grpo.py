@@ -117,6 +117,16 @@ def test_reconcile_advantage_reverses_the_per_source_weighted_sum_on_a_traded_re
     assert reconciled[0] == reconciled.min()  # the output that dropped a reference is the worst of the group
 
 
+def test_advantage_agreement_is_one_for_the_same_update_and_negative_for_a_reversed_one():
+    rewards = _rewards((1.0, 0.0), (0.45, 0.45))  # the trade above: raw_sum and reconcile rank A and B oppositely
+    raw = grpo.compute_advantages(rewards, [0, 0], "raw_sum")
+    reconciled = grpo.compute_advantages(rewards, [0, 0], "reconcile")
+    assert grpo.advantage_agreement(raw.advantages, raw.advantages, raw.valid) == pytest.approx(1.0)
+    assert grpo.advantage_agreement(reconciled.advantages, raw.advantages, raw.valid) == pytest.approx(-1.0)
+    no_signal = grpo.compute_advantages(_rewards((0.5, 0.5), (0.5, 0.5)), [0, 0], "raw_sum")
+    assert grpo.advantage_agreement(no_signal.advantages, raw.advantages, raw.valid) is None
+
+
 def test_unknown_aggregator_is_an_error_naming_the_choices():
     with pytest.raises(ValueError, match="reconcile"):
         grpo.compute_advantages(_rewards((0.1,), (0.2,)), [0, 0], "mean")

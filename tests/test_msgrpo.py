@@ -47,6 +47,8 @@ def test_grpo_first_update_ratio_is_exactly_one_and_rewards_are_logged_by_source
         assert key in rows[0]
     assert rows[0]["reward/worst_ref"] <= rows[0]["reward/ref_mean"]
     assert all(0.0 <= r["ref_conflict"] <= 1.0 for r in rows)
+    agreement = [r["adv_agreement_raw_sum"] for r in rows if "adv_agreement_raw_sum" in r]
+    assert agreement and all(-1.0 - 1e-9 <= a <= 1.0 + 1e-9 for a in agreement)  # reconcile vs the summed reward
 
 
 def test_grpo_update_changes_the_weights_and_resume_is_exact(tmp_path: Path) -> None:

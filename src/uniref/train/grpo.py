@@ -247,6 +247,15 @@ def ref_conflict_fraction(table: RewardTable, margin: float = 0.05) -> float:
     return conflicts / pairs if pairs else 0.0
 
 
+def advantage_agreement(a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor) -> float | None:
+    """Cosine similarity of two aggregators' advantages for the same rollouts (valid samples only): near 1
+    they push the policy the same way and the choice of aggregator changes little. None when either has no
+    signal (all zero)."""
+    x, y = a[valid].double(), b[valid].double()
+    norms = float(x.norm() * y.norm())
+    return float(x @ y) / norms if norms > 0 else None
+
+
 AGGREGATORS: dict[str, Aggregator] = {"raw_sum": raw_sum, "weighted_sum": weighted_sum, "reconcile": reconcile}
 
 

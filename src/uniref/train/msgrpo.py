@@ -44,7 +44,13 @@ from uniref.pipeline import EditPipeline, Prepared, pack_for_denoising, target_v
 from uniref.rewards import RewardSource, SceneRewards
 from uniref.sequence import PackedBatch
 from uniref.train.config import RewardSection, RLConfig, RLSection
-from uniref.train.grpo import clipped_policy_loss, compute_advantages, kl_to_reference, ref_conflict_fraction
+from uniref.train.grpo import (
+    advantage_agreement,
+    clipped_policy_loss,
+    compute_advantages,
+    kl_to_reference,
+    ref_conflict_fraction,
+)
 from uniref.train.observe import Observer
 from uniref.train.runtime import Runtime, start_run
 from uniref.train.sft import RunSummary, noise_seed
@@ -214,15 +220,8 @@ def train_rl(config: RLConfig, hooks: Any = None) -> RunSummary:
                 images = EditPipeline(sampler).decode(latents)
             sample_seconds = time.perf_counter() - tick
             scores = rewards.score(samples, images)
-            adv = compute_advantages(
-                scores,
-                groups,
-                rl.aggregator,
-                weights=rl.weights,
-                tau=rl.tau,
-                renormalize=rl.renormalize,
-                clip=rl.adv_clip,
-            )
+            adv_options = {"weights": rl.weights, "tau": rl.tau, "renormalize": rl.renormalize, "clip": rl.adv_clip}
+            adv = compute_advantages(scores, groups, rl.aggregator, **adv_options)
             with rt.accelerator.autocast():
                 total_loss = torch.zeros(())
                 stats: dict[str, float] = {"ratio_mean": 0.0, "clip_fraction": 0.0, "kl": 0.0}
@@ -254,6 +253,11 @@ def train_rl(config: RLConfig, hooks: Any = None) -> RunSummary:
                 scalars = {"loss": losses[-1], **stats, **_reward_scalars(scores), "dropped": adv.dropped}
                 scalars |= {"adv_abs_mean": float(adv.advantages.abs().mean()), "sample_seconds": sample_seconds}
                 scalars["ref_conflict"] = ref_conflict_fraction(adv.table)
+                if rl.aggregator != "raw_sum":  # how far this aggregator's update is from Flow-GRPO's summed one
+                    summed = compute_advantages(scores, groups, "raw_sum", **adv_options).advantages
+                    agreement = advantage_agreement(adv.advantages, summed, adv.valid)
+                    if agreement is not None:
+                        scalars["adv_agreement_raw_sum"] = agreement
                 scalars["step_seconds"] = time.perf_counter() - tick
                 scalars.update(update or {})
                 rt.log(step + 1, scalars)
