@@ -201,6 +201,12 @@ Sample grid (test compositions; outputs left to right: {", ".join(models)}; then
 
 REPLICATE_ARMS = ("rl_raw_sum", "rl_reconcile")
 BOOTSTRAP = 2000
+PAIRED_METRICS = (
+    ("worst_ref", "worst ref"),
+    ("ref_consistency", "ref consistency"),
+    ("instruction", "instruction"),
+    ("quality", "quality"),
+)
 
 
 def paired_bootstrap(a: EvalReport, b: EvalReport, attr: str) -> tuple[float, float, float]:
@@ -249,7 +255,7 @@ def run_replicate(args: argparse.Namespace) -> None:
                 [ARMS[name], str(r), str(clock[-1][0]), f"{clock[-1][1] / 60:.1f}", conflict_cell]
                 + metric_cells(reports[name])
             )
-        for attr, label in (("worst_ref", "worst ref"), ("ref_consistency", "ref consistency")):
+        for attr, label in PAIRED_METRICS:
             mean, lo, hi = paired_bootstrap(reports["rl_raw_sum"], reports["rl_reconcile"], attr)
             gaps.append([str(r), label, f"{mean:+.3f}", f"[{lo:+.3f}, {hi:+.3f}]"])
     header = ["arm", "replicate", "RL steps", "train min", "mean ref_conflict"] + METRIC_HEADER
