@@ -32,8 +32,19 @@ def test_global_plan_never_exceeds_budget(sizes: list[Size], budget: int) -> Non
 
 @settings(max_examples=150, deadline=None)
 @given(sizes=st.lists(ordinary_size(), min_size=1, max_size=10), budget=st.sampled_from(BUDGETS))
-def test_global_plan_uses_at_least_90_percent_of_budget(sizes: list[Size], budget: int) -> None:
-    assert plan(sizes, budget, 32).budget_use >= 0.9
+def test_global_plan_uses_at_least_85_percent_of_budget(sizes: list[Size], budget: int) -> None:
+    # Not 90 %: rather than stretch an image more than a quarter rounding step, the planner leaves part of
+    # the budget unused, which for one image of an awkward aspect costs up to ~10 % (next test). Over 30,000
+    # random plans at these budgets the lowest use was 0.896 and the mean 0.99.
+    assert plan(sizes, budget, 32).budget_use >= 0.85
+
+
+def test_global_plan_keeps_the_aspect_of_a_single_awkward_image_over_filling_the_budget() -> None:
+    # 64x182 at 1024²: 576x1632 keeps the aspect within 0.4 % for 89.6 % of the budget; 608x1696 would use
+    # 98.3 % but stretch it by 1.9 %, more than the quarter rounding step the planner allows.
+    (size,) = plan([Size(width=64, height=182)], 1024**2, 32).sizes
+    assert size == Size(width=576, height=1632)
+    assert abs(math.log(size.aspect / (64 / 182))) < math.log1p(32 / (4 * size.width))
 
 
 @settings(max_examples=150, deadline=None)
