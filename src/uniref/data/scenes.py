@@ -219,6 +219,9 @@ def _sample_grid(n: int, start: float, ss: int) -> np.ndarray:
     return start + (np.arange(n * ss) + 0.5) / ss
 
 
+MIN_RADIUS_PX = 1e-6
+
+
 def _block_mean(a: np.ndarray, ss: int) -> np.ndarray:
     h, w = a.shape[0] // ss, a.shape[1] // ss
     return a.reshape(h, ss, w, ss, *a.shape[2:]).mean(axis=(1, 3))
@@ -233,7 +236,8 @@ def render_object(obj: SceneObject, canvas: Size, ss: int = SUPERSAMPLE) -> tupl
     px, py = obj.cx * canvas.width, obj.cy * canvas.height
     x0, x1 = max(0, math.floor(px - r)), min(canvas.width, math.ceil(px + r))
     y0, y1 = max(0, math.floor(py - r)), min(canvas.height, math.ceil(py + r))
-    if x1 <= x0 or y1 <= y0 or r <= 0:
+    # A radius far below a pixel covers nothing; dividing by it would overflow to inf and NaN.
+    if x1 <= x0 or y1 <= y0 or r < MIN_RADIUS_PX:
         return slice(0, 0), slice(0, 0), np.zeros((0, 0)), np.zeros((0, 0, 3))
     xs = (_sample_grid(x1 - x0, x0, ss) - px) / r
     ys = (_sample_grid(y1 - y0, y0, ss) - py) / r
