@@ -219,12 +219,12 @@ def _sample_grid(n: int, start: float, ss: int) -> np.ndarray:
     return start + (np.arange(n * ss) + 0.5) / ss
 
 
-MIN_RADIUS_PX = 1e-6
-
-
 def _block_mean(a: np.ndarray, ss: int) -> np.ndarray:
     h, w = a.shape[0] // ss, a.shape[1] // ss
     return a.reshape(h, ss, w, ss, *a.shape[2:]).mean(axis=(1, 3))
+
+
+MIN_RADIUS_PX = 1e-6  # objects smaller than this render as nothing
 
 
 def render_object(obj: SceneObject, canvas: Size, ss: int = SUPERSAMPLE) -> tuple[slice, slice, np.ndarray, np.ndarray]:

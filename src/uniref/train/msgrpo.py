@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -220,8 +221,16 @@ def train_rl(config: RLConfig, hooks: Any = None) -> RunSummary:
                 images = EditPipeline(sampler).decode(latents)
             sample_seconds = time.perf_counter() - tick
             scores = rewards.score(samples, images)
-            adv_options = {"weights": rl.weights, "tau": rl.tau, "renormalize": rl.renormalize, "clip": rl.adv_clip}
-            adv = compute_advantages(scores, groups, rl.aggregator, **adv_options)
+            advantages_by = functools.partial(
+                compute_advantages,
+                scores,
+                groups,
+                weights=rl.weights,
+                tau=rl.tau,
+                renormalize=rl.renormalize,
+                clip=rl.adv_clip,
+            )
+            adv = advantages_by(rl.aggregator)
             with rt.accelerator.autocast():
                 total_loss = torch.zeros(())
                 stats: dict[str, float] = {"ratio_mean": 0.0, "clip_fraction": 0.0, "kl": 0.0}
@@ -254,7 +263,7 @@ def train_rl(config: RLConfig, hooks: Any = None) -> RunSummary:
                 scalars |= {"adv_abs_mean": float(adv.advantages.abs().mean()), "sample_seconds": sample_seconds}
                 scalars["ref_conflict"] = ref_conflict_fraction(adv.table)
                 if rl.aggregator != "raw_sum":  # how far this aggregator's update is from Flow-GRPO's summed one
-                    summed = compute_advantages(scores, groups, "raw_sum", **adv_options).advantages
+                    summed = advantages_by("raw_sum").advantages
                     agreement = advantage_agreement(adv.advantages, summed, adv.valid)
                     if agreement is not None:
                         scalars["adv_agreement_raw_sum"] = agreement
