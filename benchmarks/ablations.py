@@ -55,6 +55,7 @@ def arm_config(name: str) -> Path:
 # A replicate r > 0 reruns an arm with other noise seeds and other prompts: run.seed r and the data
 # stream moved by r * REPLICATE_PROMPTS, into runs/ablations/replicate<r>/<arm>.
 REPLICATE_PROMPTS = 100_000
+REPLICATES = ROOT / "runs" / "ablations"  # replicate<r>/<arm>
 
 
 def replicate_overrides(name: str, replicate: int) -> list[str]:
@@ -66,7 +67,7 @@ def replicate_overrides(name: str, replicate: int) -> list[str]:
 
 def arm_run(name: str, replicate: int = 0) -> Path:
     if replicate:
-        return ROOT / "runs" / "ablations" / f"replicate{replicate}" / name
+        return REPLICATES / f"replicate{replicate}" / name
     return ROOT / read_yaml(arm_config(name))["run"]["output_dir"]
 
 

@@ -14,7 +14,7 @@ from benchmarks.ablations import (
     FIGURES,
     METRIC_HEADER,
     REPLICATE_PROMPTS,
-    ROOT,
+    REPLICATES,
     arm_config,
     arm_finished,
     eval_model,
@@ -221,7 +221,7 @@ def paired_bootstrap(a: EvalReport, b: EvalReport, attr: str) -> tuple[float, fl
 def finished_replicates() -> list[int]:
     """Replicates whose two arms are finished on disk; 0 is the main study's own runs."""
     found = [0] if all(arm_finished(n) for n in REPLICATE_ARMS) else []
-    for path in sorted((ROOT / "runs" / "ablations").glob("replicate*")):
+    for path in sorted(REPLICATES.glob("replicate*")):
         match = re.fullmatch(r"replicate(\d+)", path.name)
         if match and all(arm_finished(n, int(match[1])) for n in REPLICATE_ARMS):
             found.append(int(match[1]))
