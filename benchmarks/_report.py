@@ -1,8 +1,9 @@
-"""Write one benchmark's section of docs/benchmarks.md, leaving the other sections alone."""
+"""Write one benchmark's section of docs/benchmarks.md, leaving the other sections alone; tables and figures."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 HEADER = "# Benchmarks\n\nEvery table here is written by a script in `benchmarks/`; rerun it to refresh its section.\n"
@@ -29,3 +30,13 @@ def markdown_table(header: list[str], rows: list[list[object]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """Lay out, write (PNG by suffix) and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)

@@ -109,6 +109,16 @@ def train_arms(kind: str, names: Sequence[str], jobs: int, threads: int, replica
         list(pool.map(run, todo))
 
 
+def ensure_trained(kind: str, names: Sequence[str], args: argparse.Namespace, replicate: int = 0) -> None:
+    """Train the unfinished arms (unless ``--no-train``), in the given order; stop with one line naming
+    any arm that is still unfinished."""
+    if not args.no_train:
+        train_arms(kind, names, args.jobs, args.threads, replicate)
+    missing = [n for n in names if not arm_finished(n, replicate)]
+    if missing:
+        raise SystemExit(f"arms not finished: {', '.join(missing)} (rerun without --no-train)")
+
+
 def export_arm(name: str, replicate: int = 0) -> Path:
     """The arm's newest checkpoint (EMA weights for SFT) as a model folder ``<run>/export_step_N``."""
     from uniref.train.export import export_run

@@ -9,7 +9,7 @@ import re
 
 import numpy as np
 
-from benchmarks._report import markdown_table
+from benchmarks._report import markdown_table, save_figure
 from benchmarks.ablations import (
     FIGURES,
     METRIC_HEADER,
@@ -17,6 +17,7 @@ from benchmarks.ablations import (
     REPLICATES,
     arm_config,
     arm_finished,
+    ensure_trained,
     eval_model,
     export_arm,
     metric_cells,
@@ -24,7 +25,6 @@ from benchmarks.ablations import (
     sample_grid,
     smooth,
     test_samples,
-    train_arms,
     write,
 )
 from uniref.config import read_yaml
@@ -90,22 +90,14 @@ def curves(base_val: float, out_png: str) -> None:
     axes[2].set(xlabel="training minutes (rollouts + updates)", ylabel="worst-ref consistency", title="by wall time")
     for ax in axes:
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    FIGURES.mkdir(parents=True, exist_ok=True)
-    fig.savefig(FIGURES / out_png)
-    plt.close(fig)
+    save_figure(fig, FIGURES / out_png)
 
 
 def run(args: argparse.Namespace) -> None:
     if args.replicate:
         run_replicate(args)
         return
-    if not args.no_train:
-        # Longest arm first, so the pool finishes sooner.
-        train_arms("rl", sorted(ARMS, key=lambda n: n != "rl_full"), args.jobs, args.threads)
-    missing = [n for n in ARMS if not arm_finished(n)]
-    if missing:
-        raise SystemExit(f"arms not finished: {', '.join(missing)} (rerun without --no-train)")
+    ensure_trained("rl", sorted(ARMS, key=lambda n: n != "rl_full"), args)  # longest arm first: the pool ends sooner
     cfg = read_yaml(arm_config("rl_reconcile"))
     max_refs, budget = cfg["data"]["max_refs"], cfg["rl"]["budget"]
     # Compositions only: the claim is about trading references against each other.
@@ -231,12 +223,8 @@ def finished_replicates() -> list[int]:
 def run_replicate(args: argparse.Namespace) -> None:
     """Train the two window arms again with other seeds and prompts; compare them with a paired bootstrap
     over the test samples, for every finished replicate on disk."""
-    if not args.no_train:
-        train_arms("rl", REPLICATE_ARMS, args.jobs, args.threads, replicate=args.replicate)
-    replicates = sorted(set(finished_replicates()) | {args.replicate})  # args.replicate >= 1 here
-    missing = [(r, n) for r in replicates for n in REPLICATE_ARMS if not arm_finished(n, r)]
-    if missing:
-        raise SystemExit(f"arms not finished: {missing} (rerun without --no-train)")
+    ensure_trained("rl", REPLICATE_ARMS, args, replicate=args.replicate)
+    replicates = sorted(set(finished_replicates()) | {args.replicate})
     cfg = read_yaml(arm_config("rl_reconcile"))
     max_refs, budget = cfg["data"]["max_refs"], cfg["rl"]["budget"]
     samples = test_samples(args.n, "compose", max_refs=max_refs)

@@ -8,13 +8,13 @@ from __future__ import annotations
 import argparse
 import time
 
-from benchmarks._report import markdown_table
+from benchmarks._report import markdown_table, save_figure
 from benchmarks.ablations import (
     FIGURES,
     METRIC_HEADER,
     ROOT,
     arm_config,
-    arm_finished,
+    ensure_trained,
     eval_model,
     export_arm,
     family_scores,
@@ -23,7 +23,6 @@ from benchmarks.ablations import (
     sample_grid,
     smooth,
     test_samples,
-    train_arms,
     train_hours,
     write,
 )
@@ -76,18 +75,11 @@ def curves(out_png: str) -> None:
     ax_val.set(xlabel="compute (optimizer steps at 64², batch 16)", ylabel="ref consistency")
     ax_val.set_title("validation (16 val samples, at the arm's current budget)")
     ax_val.legend(fontsize=8)
-    fig.tight_layout()
-    FIGURES.mkdir(parents=True, exist_ok=True)
-    fig.savefig(FIGURES / out_png)
-    plt.close(fig)
+    save_figure(fig, FIGURES / out_png)
 
 
 def run(args: argparse.Namespace) -> None:
-    if not args.no_train:
-        train_arms("sft", list(ARMS), args.jobs, args.threads)
-    missing = [n for n in ARMS if not arm_finished(n)]
-    if missing:
-        raise SystemExit(f"arms not finished: {', '.join(missing)} (rerun without --no-train)")
+    ensure_trained("sft", list(ARMS), args)
     samples = test_samples(args.n, "edit,compose", max_refs=6)
     models = {"untrained (tiny-random)": "tiny-random"} | {ARMS[n]: export_arm(n) for n in ARMS}
     reports: dict[int, dict[str, EvalReport]] = {b: {} for b in EVAL_BUDGETS}

@@ -14,6 +14,7 @@ import json
 import time
 from pathlib import Path
 
+from benchmarks._report import save_figure
 from uniref.data import SizeRange, TaskConfig, parse_tasks
 from uniref.data.splits import split_samples
 from uniref.eval import EvalReport, evaluate
@@ -43,10 +44,7 @@ def loss_curve(metrics: Path, out: Path) -> dict[str, float]:
         ax.axvline(boundary, color="grey", ls=":", lw=0.8)
     ax.legend(loc="upper right")
     ax.set_title("tiny SFT: loss by step (dotted: budget stage changes)")
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
+    save_figure(fig, out)
     # Wall time: sum of gaps between logged steps, leaving out pauses (resumes) longer than 10 minutes.
     gaps = [b["time"] - a["time"] for a, b in zip(train, train[1:], strict=False)]
     return {
