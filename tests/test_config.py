@@ -80,3 +80,14 @@ def test_shipped_rl_configs_validate_and_take_the_common_overrides(tmp_path: Pat
     for path in paths:
         cfg = load_config(RLConfig, path, ["train.max_steps=3", f"run.output_dir={tmp_path}"])
         assert cfg.train.max_steps == 3 and cfg.rl.window < cfg.rl.sample_steps
+
+
+def test_every_config_in_the_repo_validates_and_takes_the_common_overrides(tmp_path: Path) -> None:
+    from uniref.train.config import RLConfig, SFTConfig
+
+    paths = sorted(Path(__file__).parent.parent.joinpath("configs").rglob("*.yaml"))
+    assert len(paths) >= 9  # the shipped recipes and the ablation arms
+    for path in paths:
+        kind = RLConfig if "rl" in read_yaml(path) else SFTConfig
+        cfg = load_config(kind, path, ["train.max_steps=3", f"run.output_dir={tmp_path}"])
+        assert cfg.train.max_steps == 3 and cfg.run.output_dir == tmp_path, path
