@@ -233,6 +233,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="rl only: rerun the two window arms with run.seed N and other prompts (N >= 1), report them apart",
     )
     args = parser.parse_args(argv)
+    if args.replicate < 0 or (args.replicate and args.study != "rl"):
+        parser.error(f"--replicate {args.replicate}: replicates are numbered 1, 2, ... and exist for the rl study only")
     if args.study == "rl":
         from benchmarks import ablations_rl
 

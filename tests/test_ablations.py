@@ -3,7 +3,7 @@
 from types import SimpleNamespace
 
 import pytest
-from benchmarks.ablations import arm_run, replicate_overrides, smooth, train_hours
+from benchmarks.ablations import arm_run, main, replicate_overrides, smooth, train_hours
 from benchmarks.ablations_rl import VAL_KEY, paired_bootstrap, time_to_reach, training_seconds
 from benchmarks.ablations_sft import ARMS, compute_units
 
@@ -52,3 +52,11 @@ def test_paired_bootstrap_is_zero_for_equal_arms_and_brackets_a_shift() -> None:
     )
     assert mean == pytest.approx(0.11)
     assert 0.1 <= lo <= mean <= hi <= 0.12
+
+
+@pytest.mark.parametrize("argv", [["sft", "--replicate", "1"], ["rl", "--replicate", "-1"]])
+def test_a_replicate_outside_the_rl_study_or_below_one_is_refused_in_one_line(argv, capsys) -> None:
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2
+    assert "--replicate" in capsys.readouterr().err.strip().splitlines()[-1]
