@@ -107,10 +107,11 @@ def test_eval_json_prints_one_object_and_writes_the_report(tmp_path):
     r = _eval(ds, rep)
     assert r.exit_code == 0, r.output
     summary = json.loads(r.stdout)
-    for key in (*METRICS, "by_task", "by_k"):
+    for key in (*METRICS, "overall", "by_task", "by_k"):
         assert key in summary
     for group in (summary["by_task"], summary["by_k"]):
-        assert all(set(m) == {*METRICS, "n"} for m in group.values())
+        assert all(set(m) == {*METRICS, "overall", "n"} for m in group.values())
+    assert "baselines" not in summary
     assert summary["n"] == 4 and summary["rows"] == {"read": 4, "bad": 0, "evaluated": 4}
     assert len(json.loads((rep / "report.json").read_text())["samples"]) == 4
     assert "## By task" in (rep / "report.md").read_text()
@@ -135,3 +136,16 @@ def test_eval_of_a_missing_dataset_is_a_one_line_error(tmp_path):
     with pytest.raises(SystemExit) as exc:
         main(["eval", "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "rep")])
     assert exc.value.code == 2
+
+
+def test_eval_baselines_flag_adds_every_trivial_output_to_json_and_report(tmp_path):
+    ds = _make(tmp_path)
+    rep = tmp_path / "rep"
+    r = _eval(ds, rep, "--baselines")
+    assert r.exit_code == 0, r.output
+    baselines = json.loads(r.stdout)["baselines"]
+    assert set(baselines) == {"copy_first", "copy_last", "grey", "other_target"}
+    for scores in baselines.values():
+        assert {"overall", *METRICS} <= set(scores)
+        assert all(0.0 <= scores[m] <= 1.0 for m in ("overall", *METRICS))
+    assert "baseline: copy_first" in (rep / "report.md").read_text()

@@ -141,3 +141,64 @@ def test_shipped_tiny_weights_load_without_warning_and_differ_from_random() -> N
     a = dict(shipped.net.named_parameters())["img_in.weight"]
     b = dict(random.net.named_parameters())["img_in.weight"]
     assert a.shape == b.shape and not torch.equal(a, b)
+
+
+BOUND = TinyConfig(**{**SMALL.__dict__, "binding_budget": 16 * 16})
+
+
+def _pictures(n: int, seed: int) -> list:
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(seed)
+    return [Image.fromarray((torch.rand(24, 16 + 8 * i, 3, generator=g) * 255).byte().numpy()) for i in range(n)]
+
+
+def test_binding_puts_each_reference_after_its_picture_label_in_the_text_stream() -> None:
+    model = build_tiny(BOUND, seed=2)
+    refs = _pictures(2, 0)
+    cond = model.encode_condition(["put the red circle from picture 2"], [refs], [[]])
+    item = cond.txt[0]
+    n_words = 7
+    frames = item[:, 1].long().tolist()
+    assert frames[:n_words] == [0] * n_words
+    assert item[n_words : n_words + 2, 0].long().tolist() == [model.tokenizer.ids["picture"], model.tokenizer.ids["1"]]
+    assert set(frames[n_words:]) == {1, 2} and (item[:, 0] < 0).sum() == len(item) - n_words - 4
+
+
+def test_bound_velocity_of_packed_batch_equals_each_sample_alone_and_reads_the_references() -> None:
+    model = build_tiny(BOUND, seed=1)
+    torch.manual_seed(0)
+    for p in model.net.parameters():
+        p.data.normal_(0, 0.2)
+    seqs = [_sample(model, [(2, 3), (2, 2)], 0), _sample(model, [(3, 2), (1, 2), (2, 1)], 1)]
+    refs = [_pictures(1, 1), _pictures(2, 2)]
+    cond = model.encode_condition(["put the red circle", "the background of picture 2"], refs, [[], []])
+    sigma = torch.tensor([0.3, 0.8])
+    with torch.no_grad():
+        together = pack_sequences(seqs, capacity=128, extra_lengths=[t.shape[0] for t in cond.txt])
+        assert len(together.rows) == 1
+        v_all = together.target_tokens(model.velocity(together, cond, sigma))
+        for i, seq in enumerate(seqs):
+            alone = pack_sequences([seq])
+            v_one = alone.target_tokens(model.velocity(alone, cond.select([i]), sigma[i : i + 1]))[0]
+            torch.testing.assert_close(v_all[i], v_one, rtol=1e-4, atol=1e-5)
+        other = model.encode_condition(["put the red circle"], [_pictures(1, 9)], [[]])
+        alone = pack_sequences([seqs[0]])
+        v_other = alone.target_tokens(model.velocity(alone, other, sigma[:1]))[0]
+    assert not torch.allclose(v_other, v_all[0])  # the text stream sees the reference's pixels
+
+
+def test_bound_model_saves_and_loads_with_identical_outputs(tmp_path: Path) -> None:
+    model = build_tiny(BOUND, seed=3)
+    for p in model.net.parameters():
+        p.data.add_(0.01 * torch.randn_like(p))
+    model.save(tmp_path / "ckpt")
+    loaded = load_model(tmp_path / "ckpt")
+    assert loaded.config.binding_budget == BOUND.binding_budget
+    seq = _sample(model, [(2, 2), (1, 3)], 2)
+    batch = pack_sequences([seq])
+    refs = [_pictures(1, 4)]
+    with torch.no_grad():
+        a = model.velocity(batch, model.encode_condition(["the red circle"], refs, [[]]), torch.tensor([0.7]))
+        b = loaded.velocity(batch, loaded.encode_condition(["the red circle"], refs, [[]]), torch.tensor([0.7]))
+    assert torch.equal(a, b)

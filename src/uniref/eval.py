@@ -9,6 +9,8 @@ Aggregation (every score in [0, 1], see :mod:`uniref.rewards.metrics`):
   per sample first weighs every sample equally whatever its K, so a few K = 10 compositions do not drown
   the single edits (a mean over all references pooled would).
 * ``worst_ref_consistency``: the mean over samples of the worst reference (what MSGRPO protects).
+* ``overall``: the mean over samples of ``√(instruction · worst reference)`` (the headline score, see
+  :attr:`SampleScore.overall`).
 * ``instruction_accuracy``, ``quality``: means over samples.
 * each also ``by_task`` and ``by_k`` (same keys plus ``n``).
 """
@@ -31,6 +33,10 @@ from uniref.rewards.metrics import SampleScore, Scorer
 from uniref.viz import SheetRow, draw_sheet
 
 METRICS = ("ref_consistency", "worst_ref_consistency", "instruction_accuracy", "quality")
+HEADLINE = ("overall", *METRICS)  # what summaries and tables report
+# Trivial outputs every results table is read against (see :func:`baseline_output`).
+BASELINES = ("copy_first", "copy_last", "grey", "other_target")
+GREY = (128, 128, 128)
 WORST_CASES = 8  # rows of the worst-case grid
 
 
@@ -55,10 +61,11 @@ class SampleRecord:
 
 
 def summarise(records: Sequence[SampleRecord]) -> dict[str, float]:
-    """The four aggregate metrics (see the module docstring) and ``n`` over ``records``."""
+    """The aggregate metrics (see the module docstring) and ``n`` over ``records``."""
     if not records:
-        return {**dict.fromkeys(METRICS, float("nan")), "n": 0}
+        return {**dict.fromkeys(HEADLINE, float("nan")), "n": 0}
     return {
+        "overall": float(np.mean([r.score.overall for r in records])),
         "ref_consistency": float(np.mean([r.score.ref_consistency for r in records])),
         "worst_ref_consistency": float(np.mean([r.score.worst_ref for r in records])),
         "instruction_accuracy": float(np.mean([r.score.instruction for r in records])),
@@ -74,11 +81,13 @@ class EvalReport:
     instruction_accuracy: float
     quality: float
     n: int  # samples evaluated
-    by_task: dict[str, dict[str, float]]  # task -> the four metrics and n
-    by_k: dict[int, dict[str, float]]  # K -> the four metrics and n
+    by_task: dict[str, dict[str, float]]  # task -> the headline metrics and n
+    by_k: dict[int, dict[str, float]]  # K -> the headline metrics and n
     records: list[SampleRecord]
     settings: dict[str, Any] = field(default_factory=dict)  # steps, guidance, seed, budget, mode
     outputs: list[Image.Image] = field(default_factory=list, repr=False)  # one per record (keep_outputs)
+    overall: float = float("nan")
+    baselines: dict[str, EvalReport] = field(default_factory=dict, repr=False)  # name -> report (--baselines)
 
     @classmethod
     def from_records(
@@ -98,6 +107,7 @@ class EvalReport:
             worst_ref_consistency=total["worst_ref_consistency"],
             instruction_accuracy=total["instruction_accuracy"],
             quality=total["quality"],
+            overall=total["overall"],
             n=len(records),
             by_task={t: summarise(rs) for t, rs in sorted(groups_task.items())},
             by_k={k: summarise(rs) for k, rs in sorted(groups_k.items())},
@@ -111,11 +121,17 @@ class EvalReport:
         return sorted(self.records, key=lambda r: (r.score.worst_ref, r.score.instruction))[:n]
 
     def to_json(self, *, records: bool = True) -> dict[str, Any]:
-        out: dict[str, Any] = {m: getattr(self, m) for m in METRICS}
+        out: dict[str, Any] = {m: getattr(self, m) for m in HEADLINE}
         out["n"] = self.n
         out["by_task"] = self.by_task
         out["by_k"] = {str(k): v for k, v in self.by_k.items()}  # JSON keys are strings
         out["settings"] = self.settings
+        if self.baselines:
+            out["baselines"] = {
+                name: {m: getattr(b, m) for m in HEADLINE}
+                | {"by_k": {str(k): v for k, v in b.by_k.items()}, "by_task": b.by_task}
+                for name, b in self.baselines.items()
+            }
         if records:
             out["samples"] = [r.to_json() for r in self.records]
         return out
@@ -125,19 +141,24 @@ class EvalReport:
 
         def table(title: str, rows: dict[Any, dict[str, float]]) -> list[str]:
             lines = [
-                f"| {title} | n | ref consistency | worst ref | instruction | quality |",
-                "|---|---:|---:|---:|---:|---:|",
+                f"| {title} | n | overall | ref consistency | worst ref | instruction | quality |",
+                "|---|---:|---:|---:|---:|---:|---:|",
             ]
             for key, m in rows.items():
-                vals = " | ".join(f"{m[k]:.3f}" for k in METRICS)
+                vals = " | ".join(f"{m[k]:.3f}" for k in HEADLINE)
                 lines.append(f"| {key} | {m['n']} | {vals} |")
             return lines
 
-        overall = {"all": {**{m: getattr(self, m) for m in METRICS}, "n": self.n}}
+        total = {"model": {**{m: getattr(self, m) for m in HEADLINE}, "n": self.n}}
+        for name, b in self.baselines.items():
+            total[f"baseline: {name}"] = {**{m: getattr(b, m) for m in HEADLINE}, "n": b.n}
         settings = ", ".join(f"{k}={v}" for k, v in self.settings.items())
         parts = ["# UniRef evaluation", "", f"Settings: {settings}" if settings else "", ""]
-        parts += table("", overall) + ["", "## By task", ""] + table("task", self.by_task)
+        parts += table("", total) + ["", "## By task", ""] + table("task", self.by_task)
         parts += ["", "## By number of references", ""] + table("K", self.by_k) + [""]
+        if self.baselines:
+            by_k = {f"{k} · {name}": v for name, b in self.baselines.items() for k, v in b.by_k.items()}
+            parts += ["## Baselines by number of references", ""] + table("K · baseline", by_k) + [""]
         return "\n".join(parts)
 
 
@@ -215,6 +236,35 @@ def evaluate(
         "mode": PlanMode(mode).value,
     }
     return EvalReport.from_records(records, settings, outputs)
+
+
+def baseline_output(name: str, samples: Sequence[Sample], index: int) -> Image.Image:
+    """A trivial output for sample ``index``: ``copy_first`` (picture 1 returned), ``copy_last``,
+    ``grey`` (a uniform mid-grey image of the target's size) or ``other_target`` (the next sample's
+    target: a perfect image of the wrong scene)."""
+    sample = samples[index]
+    if name == "copy_first":
+        return sample.refs[0]
+    if name == "copy_last":
+        return sample.refs[-1]
+    if name == "grey":
+        return Image.new("RGB", sample.target.size, GREY)
+    if name == "other_target":
+        return samples[(index + 1) % len(samples)].target
+    raise ValueError(f"unknown baseline {name!r}; choose from {list(BASELINES)}")
+
+
+def evaluate_baselines(samples: Sequence[Sample], names: Sequence[str] = BASELINES) -> dict[str, EvalReport]:
+    """Score every trivial output of :func:`baseline_output` on ``samples`` with the same metrics."""
+    reports = {}
+    scorers = [Scorer(s) for s in samples]
+    for name in names:
+        records = [
+            SampleRecord(index=i, task=s.task, k=s.k, score=sc(baseline_output(name, samples, i)))
+            for i, (s, sc) in enumerate(zip(samples, scorers, strict=True))
+        ]
+        reports[name] = EvalReport.from_records(records, {"baseline": name})
+    return reports
 
 
 def worst_case_grid(report: EvalReport, samples: Sequence[Sample], n: int = WORST_CASES) -> Image.Image:

@@ -37,10 +37,13 @@ def eval_command(
     budget: Annotated[str | None, typer.Option(help="reference pixel budget, 1024 = 1024²; default: native")] = None,
     mode: Annotated[PlanMode, typer.Option(help="global (SELF) or per_image (diffusers)")] = PlanMode.GLOBAL,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+    baselines: Annotated[
+        bool, typer.Option(help="also score the trivial outputs copy_first, copy_last, grey, other_target")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object (the summary)")] = False,
 ) -> None:
     """Generate every row's output, score it per reference, write per-task and per-K tables and a worst-case grid."""
-    from uniref.eval import evaluate, worst_case_grid
+    from uniref.eval import evaluate, evaluate_baselines, worst_case_grid
     from uniref.pipeline import EditPipeline
 
     if mode is PlanMode.GLOBAL_ROUND:
@@ -80,6 +83,8 @@ def eval_command(
             keep_outputs=True,
         )
     report.settings["model"] = model
+    if baselines:
+        report.baselines = evaluate_baselines(samples)
     summary = report.to_json(records=False)
     summary["rows"] = {"read": load.rows, "bad": len(load.problems), "evaluated": report.n}
     summary["problems"] = [str(p) for p in load.problems]

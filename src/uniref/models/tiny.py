@@ -34,16 +34,18 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from uniref.budget import Size
+from uniref.budget import Size, plan
 from uniref.errors import ModelError
-from uniref.images import atomic_path
+from uniref.images import atomic_path, image_size, resize, to_tensor
 from uniref.models.base import Conditioning, EditModel, LatentSpec, ScheduleSpec
 from uniref.sequence import (
     PAD,
     REFERENCE,
     PackedBatch,
+    PackedStream,
     attention_mask,
     pack_stream,
+    patchify,
     rope_frequencies,
     text_position_ids,
     text_position_start,
@@ -83,6 +85,11 @@ class TinyConfig:
     rope_axes: tuple[int, int, int] = (8, 12, 12)  # frame/row/col dims; sums to head dim
     max_frames: int = 16  # images per sample (target + references)
     coord_freqs: int = 8  # Fourier frequencies of the normalised coordinates
+    # Word-to-picture binding (the analogue of Qwen-Image-Edit's VL encoder reading "Picture i: <image>"):
+    # each reference, at this many pixels of its own, joins the text stream as "picture i" plus its
+    # tokens, so the text encoder can resolve "the star from picture 2" before the denoiser runs.
+    # 0: words only (the first shipped model).
+    binding_budget: int = 0
     ref_budget: int = 64 * 64  # stage-1 budget of the paper's 1024² analogue
     target_budget: int = 64 * 64
     plan_multiple: int = 8  # one token: unshuffle × patch
@@ -234,6 +241,22 @@ class TextBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+@dataclass
+class TextImages:
+    """The binding part of packed text rows: which picture each text token belongs to (0: the
+    instruction), whether it is an image token, and that token's pixels and coordinates."""
+
+    frame: torch.Tensor  # (R, Lt) long
+    is_image: torch.Tensor  # (R, Lt) bool
+    pixels: torch.Tensor  # (R, Lt, token_dim)
+    coords: torch.Tensor  # (R, Lt, 2)
+
+
+# Columns of a bound text item (one row per text token): word id (-1 for an image token), picture
+# index (0 for instruction words), two normalised coordinates, then the token's pixel values.
+_WORD, _FRAME, _COORDS, _PIXELS = 0, 1, slice(2, 4), slice(4, None)
+
+
 def timestep_embedding(sigma: torch.Tensor, dim: int) -> torch.Tensor:
     """Sinusoidal embedding of σ·1000 (B,) -> (B, dim)."""
     half = dim // 2
@@ -255,6 +278,8 @@ class TinyMMDiT(nn.Module):
             TextBlock(w, config.heads, config.mlp_ratio) for _ in range(config.text_layers)
         )
         self.text_norm = nn.LayerNorm(w)
+        if config.binding_budget:
+            self.thumb_in = nn.Linear(config.token_dim, w)
         self.img_in = nn.Linear(config.token_dim, w)
         self.txt_in = nn.Linear(w, w)
         self.frame_embed = nn.Embedding(config.max_frames, w)
@@ -286,12 +311,24 @@ class TinyMMDiT(nn.Module):
         txt_pos: torch.Tensor,  # (R, Lt, 3)
         txt_ids: torch.Tensor,  # (R, Lt) sample index or PAD
         sigma: torch.Tensor,  # (B,)
+        binding: TextImages | None = None,
     ) -> torch.Tensor:
         """Predicted clean tokens x̂_0 (R, Li, token_dim)."""
         cfg = self.config
         # The text encoder runs inside forward, on the packed rows, so one forward (and one DDP
         # gradient sync) covers every trained weight.
-        txt_h = self.word_embed(words) + self.word_pos(word_index.clamp(max=cfg.max_text_len - 1))
+        txt_h = self.word_embed(words)
+        if binding is None:
+            txt_h = txt_h + self.word_pos(word_index.clamp(max=cfg.max_text_len - 1))
+        else:
+            instruction = (binding.frame == 0)[..., None]
+            thumb = binding.is_image[..., None]
+            txt_h = (
+                txt_h
+                + instruction * self.word_pos(word_index.clamp(max=cfg.max_text_len - 1))
+                + (~instruction) * self.frame_embed(binding.frame.clamp(0, cfg.max_frames - 1))
+                + thumb * (self.thumb_in(binding.pixels) + self.coord_in(_fourier(binding.coords, cfg.coord_freqs)))
+            )
         text_mask = attention_mask(txt_ids)
         for block in self.text_blocks:
             txt_h = block(txt_h, text_mask)
@@ -379,7 +416,35 @@ class TinyModel(EditModel):
                 f"tiny model: words outside its vocabulary are ignored (read as <unk>): {', '.join(unknown)}",
                 stacklevel=2,
             )
-        return Conditioning([torch.tensor(x, dtype=torch.long) for x in ids])
+        if not self.config.binding_budget:
+            return Conditioning([torch.tensor(x, dtype=torch.long) for x in ids])
+        return Conditioning([self._bind(x, r) for x, r in zip(ids, refs, strict=True)])
+
+    def _bind(self, word_ids: list[int], refs: Sequence[Image.Image]) -> torch.Tensor:
+        """One sample's text item: the instruction's words, then per reference i the words
+        "picture i" and the reference's tokens at ``binding_budget`` pixels (see the column layout)."""
+        cfg = self.config
+        rows = [self._text_rows(word_ids, 0)]
+        sizes = [plan([image_size(r)], cfg.binding_budget, cfg.plan_multiple).sizes[0] for r in refs]
+        latents = self.encode_images([to_tensor(resize(r, size)) for r, size in zip(refs, sizes, strict=True)])
+        for i, latent in enumerate(latents, start=1):
+            label = [self.tokenizer.ids.get(w, UNK_ID) for w in ("picture", str(i))]
+            rows.append(self._text_rows(label, i))
+            tokens = patchify(latent.float().cpu(), cfg.patch)
+            grid = (latent.shape[1] // cfg.patch, latent.shape[2] // cfg.patch)
+            image = torch.zeros(tokens.shape[0], 4 + cfg.token_dim)
+            image[:, _WORD] = -1
+            image[:, _FRAME] = i
+            image[:, _COORDS] = normalised_coords([grid])
+            image[:, _PIXELS] = tokens
+            rows.append(image)
+        return torch.cat(rows)
+
+    def _text_rows(self, word_ids: list[int], frame: int) -> torch.Tensor:
+        rows = torch.zeros(len(word_ids), 4 + self.config.token_dim)
+        rows[:, _WORD] = torch.tensor(word_ids, dtype=torch.float32)
+        rows[:, _FRAME] = frame
+        return rows
 
     def encode_images(self, images: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         r = self.config.unshuffle
@@ -393,7 +458,19 @@ class TinyModel(EditModel):
         """Predicted clean tokens for every token of ``batch`` (R, C, D)."""
         device = self.device
         coords = batch.pack_like([normalised_coords(s.grids) for s in batch.sequences])
-        words = pack_stream(batch.rows, list(cond.txt))
+        binding = None
+        if cond.txt[0].is_floating_point():  # bound text items (binding_budget > 0)
+            items = pack_stream(batch.rows, list(cond.txt))
+            values = items.values
+            words = PackedStream(values[..., _WORD].clamp_min(0).long(), items.sample_ids, items.spans)
+            binding = TextImages(
+                frame=values[..., _FRAME].long().to(device),
+                is_image=(values[..., _WORD] < 0).to(device),
+                pixels=values[..., _PIXELS].to(device, self.dtype),
+                coords=values[..., _COORDS].to(device, self.dtype),
+            )
+        else:
+            words = pack_stream(batch.rows, list(cond.txt))
         word_index = pack_stream(batch.rows, [torch.arange(t.shape[0]) for t in cond.txt]).values
         txt_pos = pack_stream(
             batch.rows,
@@ -413,6 +490,7 @@ class TinyModel(EditModel):
             txt_pos.to(device),
             words.sample_ids.to(device),
             sigma.to(device, self.dtype),
+            binding,
         )
 
     def velocity(self, batch: PackedBatch, cond: Conditioning, sigma: torch.Tensor) -> torch.Tensor:
