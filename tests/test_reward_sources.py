@@ -326,3 +326,19 @@ def test_judge_fails_only_the_samples_whose_calls_failed(fake_judge):
     fake.handler = picky
     scores = _judge(url, axes=("integration",)).score([samples[0], samples[3]], [outputs[0], outputs[3]])
     assert scores == [{"instruction": 0.8}, None]
+
+
+def test_overall_reward_is_the_headline_score_and_pays_nothing_for_copying_picture_one():
+    from uniref.data import TaskConfig, parse_tasks
+    from uniref.data.splits import split_samples
+    from uniref.rewards.metrics import Scorer
+    from uniref.rewards.sources import with_overall
+
+    samples = split_samples("val", 6, TaskConfig(parse_tasks("compose"), 3))
+    scores = SceneRewards().score(samples, [s.refs[0] for s in samples])
+    copied = [with_overall(x) for x in scores]
+    expected = [Scorer(s)(s.refs[0]).overall for s in samples]
+    assert [c["overall"] for c in copied] == pytest.approx(expected)
+    truth = with_overall(SceneRewards().score(samples[:1], [samples[0].target])[0])
+    assert truth["overall"] == pytest.approx(1.0)
+    assert with_overall(None) is None and with_overall({"quality": 0.5}) == {"quality": 0.5}

@@ -12,6 +12,16 @@ WORDS = ("put", "the", "red", "circle", "from", "picture", "on", "background", "
 SMALL = TinyConfig(vocabulary=WORDS, width=32, depth=2, heads=2, rope_axes=(4, 6, 6), text_layers=1, mlp_ratio=2)
 
 
+BOUND = TinyConfig(**{**SMALL.__dict__, "binding_budget": 16 * 16})
+
+
+def _pictures(n: int, seed: int) -> list:
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(seed)
+    return [Image.fromarray((torch.rand(24, 16 + 8 * i, 3, generator=g) * 255).byte().numpy()) for i in range(n)]
+
+
 def _sample(model: TinyModel, grids: list[tuple[int, int]], seed: int) -> tuple:
     g = torch.Generator().manual_seed(seed)
     c = model.spec.latent_channels
@@ -72,8 +82,9 @@ def test_empty_instruction_still_encodes() -> None:
     assert cond.txt[0].tolist() == [0]
 
 
-def test_save_then_load_gives_identical_outputs(tmp_path: Path) -> None:
-    model = build_tiny(SMALL, seed=3)
+@pytest.mark.parametrize("bound", [False, True], ids=["words", "binding"])
+def test_save_then_load_gives_identical_outputs(tmp_path: Path, bound: bool) -> None:
+    model = build_tiny(BOUND if bound else SMALL, seed=3)
     for p in model.net.parameters():
         p.data.add_(0.01 * torch.randn_like(p))
     model.save(tmp_path / "ckpt")
@@ -82,9 +93,10 @@ def test_save_then_load_gives_identical_outputs(tmp_path: Path) -> None:
     seq = _sample(model, [(2, 2), (1, 3)], 2)
     batch = pack_sequences([seq])
     sigma = torch.tensor([0.7])
+    refs = [_pictures(1, 4)] if bound else [[]]
     with torch.no_grad():
-        a = model.velocity(batch, model.encode_condition(["the red circle"], [[]], [[]]), sigma)
-        b = loaded.velocity(batch, loaded.encode_condition(["the red circle"], [[]], [[]]), sigma)
+        a = model.velocity(batch, model.encode_condition(["the red circle"], refs, [[]]), sigma)
+        b = loaded.velocity(batch, loaded.encode_condition(["the red circle"], refs, [[]]), sigma)
     assert torch.equal(a, b)
 
 
@@ -143,16 +155,6 @@ def test_shipped_tiny_weights_load_without_warning_and_differ_from_random() -> N
     assert a.shape == b.shape and not torch.equal(a, b)
 
 
-BOUND = TinyConfig(**{**SMALL.__dict__, "binding_budget": 16 * 16})
-
-
-def _pictures(n: int, seed: int) -> list:
-    from PIL import Image
-
-    g = torch.Generator().manual_seed(seed)
-    return [Image.fromarray((torch.rand(24, 16 + 8 * i, 3, generator=g) * 255).byte().numpy()) for i in range(n)]
-
-
 def test_binding_puts_each_reference_after_its_picture_label_in_the_text_stream() -> None:
     model = build_tiny(BOUND, seed=2)
     refs = _pictures(2, 0)
@@ -186,19 +188,3 @@ def test_bound_velocity_of_packed_batch_equals_each_sample_alone_and_reads_the_r
         alone = pack_sequences([seqs[0]])
         v_other = alone.target_tokens(model.velocity(alone, other, sigma[:1]))[0]
     assert not torch.allclose(v_other, v_all[0])  # the text stream sees the reference's pixels
-
-
-def test_bound_model_saves_and_loads_with_identical_outputs(tmp_path: Path) -> None:
-    model = build_tiny(BOUND, seed=3)
-    for p in model.net.parameters():
-        p.data.add_(0.01 * torch.randn_like(p))
-    model.save(tmp_path / "ckpt")
-    loaded = load_model(tmp_path / "ckpt")
-    assert loaded.config.binding_budget == BOUND.binding_budget
-    seq = _sample(model, [(2, 2), (1, 3)], 2)
-    batch = pack_sequences([seq])
-    refs = [_pictures(1, 4)]
-    with torch.no_grad():
-        a = model.velocity(batch, model.encode_condition(["the red circle"], refs, [[]]), torch.tensor([0.7]))
-        b = loaded.velocity(batch, loaded.encode_condition(["the red circle"], refs, [[]]), torch.tensor([0.7]))
-    assert torch.equal(a, b)

@@ -19,6 +19,7 @@ Sources that talk over the network count what happened in a :class:`RewardStats`
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -104,6 +105,21 @@ def call_with_retries(fn: Callable[[], T], policy: RetryPolicy, stats: RewardSta
             log.info("%s attempt %d/%d failed: %s", what, attempt + 1, policy.max_retries + 1, e)
     log.warning("%s failed after %d attempts", what, policy.max_retries + 1)
     return None
+
+
+OVERALL = "overall"
+
+
+def with_overall(scores: ScoreDict | None) -> ScoreDict | None:
+    """``scores`` plus the headline ``overall = √(instruction · worst reference)`` (the same formula as
+    :attr:`uniref.rewards.metrics.SampleScore.overall`), for any source that gives ``instruction`` and
+    ``ref_*``: a reward that pays for it cannot be won by copying a reference or by a blank image."""
+    if scores is None or OVERALL in scores or "instruction" not in scores:
+        return scores
+    refs = [v for k, v in scores.items() if k.startswith("ref_")]
+    if not refs:
+        return scores
+    return {**scores, OVERALL: math.sqrt(max(0.0, scores["instruction"]) * max(0.0, min(refs)))}
 
 
 def ref_key(k: int) -> str:

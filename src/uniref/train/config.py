@@ -147,8 +147,8 @@ class RLSection(StrictModel):
     target_budget: int | None = Field(None, gt=0, description="output budget side (default: budget)")
     aggregator: Literal["reconcile", "weighted_sum", "raw_sum"] = "reconcile"
     weights: dict[str, float] = Field(
-        default_factory=lambda: {"ref": 1.0, "instruction": 0.5, "quality": 0.25},
-        description="per source; 'ref' is shared by the per-reference sources",
+        default_factory=lambda: {"ref": 1.0, "instruction": 0.5, "quality": 0.25, "overall": 1.0},
+        description="per source; 'ref' is shared by the per-reference sources; 'overall' is √(instruction · worst ref)",
     )
     tau: float = Field(0.05, gt=0, description="soft-min temperature of the reconcile aggregator")
     renormalize: bool = Field(False, description="GDPO: re-normalise the combined advantage in its group")

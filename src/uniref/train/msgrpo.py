@@ -43,6 +43,7 @@ from uniref.images import image_size
 from uniref.models import EditModel
 from uniref.pipeline import EditPipeline, Prepared, pack_for_denoising, target_velocity
 from uniref.rewards import RewardSource, SceneRewards
+from uniref.rewards.sources import with_overall
 from uniref.sequence import PackedBatch
 from uniref.train.config import RewardSection, RLConfig, RLSection
 from uniref.train.grpo import (
@@ -220,7 +221,7 @@ def train_rl(config: RLConfig, hooks: Any = None) -> RunSummary:
                 latents = [seq.target_latent(x) for seq, x in zip(ro.prepared.sequences, ro.final, strict=True)]
                 images = EditPipeline(sampler).decode(latents)
             sample_seconds = time.perf_counter() - tick
-            scores = rewards.score(samples, images)
+            scores = [with_overall(x) for x in rewards.score(samples, images)]
             advantages_by = functools.partial(
                 compute_advantages,
                 scores,
@@ -285,7 +286,7 @@ def _reward_scalars(scores: Sequence[dict[str, float] | None]) -> dict[str, floa
     if not ok:
         return {}
     out: dict[str, float] = {}
-    for key in ("instruction", "quality"):
+    for key in ("overall", "instruction", "quality"):
         values = [s[key] for s in ok if key in s]
         if values:
             out[f"reward/{key}"] = sum(values) / len(values)
