@@ -84,6 +84,13 @@ LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 _WHITE = np.asarray(PATTERN_COLOUR, dtype=np.float32)
 
 
+def headline_score(instruction: float, worst_ref: float) -> float:
+    """``√(instruction · worst_ref)``: OmniContext's √(PF·SC) with the worst reference as subject
+    consistency, so that neither ignoring the instruction (returning a reference) nor dropping one
+    reference can score well; the ground truth scores 1."""
+    return math.sqrt(max(0.0, instruction) * max(0.0, worst_ref))
+
+
 @dataclass(frozen=True)
 class ObjectScore:
     iou: float
@@ -115,10 +122,8 @@ class SampleScore:
 
     @property
     def overall(self) -> float:
-        """The headline score: ``√(instruction · worst_ref)``, OmniContext's √(PF·SC) with the worst
-        reference as subject consistency, so that neither ignoring the instruction (returning a
-        reference) nor dropping one reference can score well; the ground truth scores 1."""
-        return math.sqrt(max(0.0, self.instruction) * max(0.0, self.worst_ref))
+        """The headline score (:func:`headline_score`)."""
+        return headline_score(self.instruction, self.worst_ref)
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -19,7 +19,6 @@ Sources that talk over the network count what happened in a :class:`RewardStats`
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -29,7 +28,7 @@ from typing import Protocol, TypeVar, runtime_checkable
 from PIL import Image
 
 from uniref.data.sample import Sample
-from uniref.rewards.metrics import Scorer
+from uniref.rewards.metrics import Scorer, headline_score
 
 log = logging.getLogger(__name__)
 
@@ -111,15 +110,15 @@ OVERALL = "overall"
 
 
 def with_overall(scores: ScoreDict | None) -> ScoreDict | None:
-    """``scores`` plus the headline ``overall = √(instruction · worst reference)`` (the same formula as
-    :attr:`uniref.rewards.metrics.SampleScore.overall`), for any source that gives ``instruction`` and
-    ``ref_*``: a reward that pays for it cannot be won by copying a reference or by a blank image."""
+    """``scores`` plus the headline ``overall`` (:func:`~uniref.rewards.metrics.headline_score`), for any
+    source that gives ``instruction`` and ``ref_*``: a reward that pays for it cannot be won by copying
+    a reference or by a blank image."""
     if scores is None or OVERALL in scores or "instruction" not in scores:
         return scores
     refs = [v for k, v in scores.items() if k.startswith("ref_")]
     if not refs:
         return scores
-    return {**scores, OVERALL: math.sqrt(max(0.0, scores["instruction"]) * max(0.0, min(refs)))}
+    return {**scores, OVERALL: headline_score(scores["instruction"], min(refs))}
 
 
 def ref_key(k: int) -> str:
