@@ -6,6 +6,7 @@ section of docs/ablations.md with loss/reward curves and a sample grid (PNG, und
     python -m benchmarks.ablations budgets  # (c) SELF global budget vs per-image budgets, K = 4-6
     python -m benchmarks.ablations rl       # SFT only vs summed-reward GRPO vs MSGRPO; SDE window vs full
     python -m benchmarks.ablations rl --replicate 1  # the two window arms again, other seeds and prompts
+    python -m benchmarks.ablations probes --minutes 30  # the new tiny recipe's levers, on the val split
 
 Arms are the YAML files in configs/ablations/ (each also runs alone with ``uniref train``); arms of a
 study cost the same compute. ``--jobs`` arms train at once, each on ``--threads`` CPU threads.
@@ -221,10 +222,11 @@ def test_samples(n: int, tasks: str, max_refs: int, min_refs: int = 1) -> list[S
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("study", choices=["sft", "budgets", "rl"])
+    parser.add_argument("study", choices=["sft", "budgets", "rl", "probes"])
     parser.add_argument("--n", type=int, default=64, help="held-out test samples per evaluation")
     parser.add_argument("--jobs", type=int, default=2, help="arms trained at once")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads per arm")
+    parser.add_argument("--minutes", type=float, default=30.0, help="probes only: wall time per arm")
     parser.add_argument("--no-train", action="store_true", help="only evaluate (arms must be finished)")
     parser.add_argument(
         "--replicate",
@@ -235,6 +237,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.replicate < 0 or (args.replicate and args.study != "rl"):
         parser.error(f"--replicate {args.replicate}: replicates are numbered 1, 2, ... and exist for the rl study only")
+    if args.study == "probes":
+        from benchmarks import ablations_probes
+
+        ablations_probes.run(args)
+        return
     if args.study == "rl":
         from benchmarks import ablations_rl
 

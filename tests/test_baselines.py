@@ -58,3 +58,17 @@ def test_baseline_outputs_are_what_their_names_say(samples):
     assert grey.size == s.target.size and grey.getextrema() == ((128, 128),) * 3
     with pytest.raises(ValueError, match="unknown baseline"):
         baseline_output("nothing", samples, 0)
+
+
+def test_a_failed_sample_names_the_reference_it_lost(samples, baselines):
+    records = [r for r in baselines["copy_first"].records if r.k >= 2]
+    assert records and all(r.failed for r in records)
+    for r in records:
+        roles = r.roles
+        if roles[0] == "background":  # picture 1 returned: the background is kept, an object is lost
+            assert r.lost_reference is not None and r.lost_reference > 1 and r.lost_role != "background"
+    grey = baselines["grey"].records
+    assert any(r.lost_reference is not None for r in grey)
+    lost = [r.to_json()["lost_reference"] for r in grey]
+    assert all(x is None or 1 <= x <= r.k for x, r in zip(lost, grey, strict=True))
+    assert "## Lost references" in baselines["grey"].to_markdown()

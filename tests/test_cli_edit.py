@@ -50,6 +50,19 @@ def test_edit_size_and_budget_options(tmp_path: Path, capsys: pytest.CaptureFixt
     assert data["plan"]["budget_pixels"] == 48 * 48
 
 
+def test_edit_size_like_takes_that_references_aspect(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    sizes = {}
+    for n in (1, 2):
+        code, stdout, _ = run_cli(_edit_args(tmp_path / f"{n}.png", "--size-like", str(n), "--json"), capsys)
+        assert code == 0
+        data = json.loads(stdout)
+        sizes[n] = (data["width"], data["height"])
+    for n, (w, h) in sizes.items():
+        with Image.open(REFS[n - 1]) as ref:
+            assert abs(w / h - ref.width / ref.height) < 0.25 * ref.width / ref.height
+    assert sizes[1][0] > sizes[1][1] and sizes[2][0] == sizes[2][1]  # 320x192 -> wide; 128x128 -> square
+
+
 @pytest.mark.parametrize(
     ("extra", "needle"),
     [
@@ -57,6 +70,8 @@ def test_edit_size_and_budget_options(tmp_path: Path, capsys: pytest.CaptureFixt
         (["--ref", "nope.png"], "nope.png: no such file"),
         (["--model", "no/such/model"], "no such folder"),
         (["--budget", "8"], "cannot fit"),
+        (["--size-like", "4"], "--size-like 4: there are 3 references"),
+        (["--size-like", "1", "--size", "64x64"], "not both"),
     ],
 )
 def test_edit_bad_input_is_one_line_exit_2(

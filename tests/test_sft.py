@@ -256,3 +256,27 @@ def test_train_cli_bad_config_is_one_line_exit_2(args: list[str], needle: str, c
         config_args = [a.replace("tiny_sft", "tiny_msgrpo") if command == "rl" else a for a in args]
         code, _, err = run_cli(["train", command, *config_args], capsys)
         assert code == 2 and needle in err and err.count("\n") == 1
+
+
+def test_stages_with_their_own_task_mix_and_k_draw_from_their_own_scenes() -> None:
+    from uniref.train.data import StagedSource, build_staged_source
+
+    config = SFTConfig.model_validate(
+        {
+            "data": {"task_mix": {"compose": 1.0}, "max_refs": 6},
+            "stages": [
+                {"budget": 64, "steps": 3, "batch_size": 4, "max_refs": 2},
+                {"budget": 64, "steps": 2, "batch_size": 8, "task_mix": {"edit": 1.0}},
+                {"budget": 96, "steps": 1, "batch_size": 4},
+            ],
+        }
+    )
+    source = build_staged_source(config.data, config.stages)
+    assert isinstance(source, StagedSource)
+    first = [source.sample(i) for i in range(12)]  # stage 0: 3 steps x 4 samples
+    assert {s.k for s in first} == {2}
+    assert all(source.sample(i).k == 1 for i in range(12, 28))  # stage 1: single edits
+    assert max(source.sample(i).k for i in range(28, 60)) > 2  # stage 2 and after: the data section's K <= 6
+    assert source.sample(5).instruction == first[5].instruction  # a pure function of the index
+    plain = build_staged_source(config.data, [config.stages[2]])
+    assert not isinstance(plain, StagedSource)

@@ -188,3 +188,16 @@ def test_bound_velocity_of_packed_batch_equals_each_sample_alone_and_reads_the_r
         alone = pack_sequences([seqs[0]])
         v_other = alone.target_tokens(model.velocity(alone, other, sigma[:1]))[0]
     assert not torch.allclose(v_other, v_all[0])  # the text stream sees the reference's pixels
+
+
+def test_bound_thumbnails_feed_the_text_encoder_but_not_the_joint_blocks() -> None:
+    model = build_tiny(BOUND, seed=1)
+    seq = _sample(model, [(2, 2), (2, 2), (2, 1)], 0)
+    cond = model.encode_condition(["put the red circle from picture 2"], [_pictures(2, 3)], [[]])
+    seen: list[int] = []
+    hook = model.net.blocks[0].register_forward_hook(lambda m, args, out: seen.append(args[1].shape[1]))
+    with torch.no_grad():
+        model.velocity(pack_sequences([seq]), cond, torch.tensor([0.5]))
+    hook.remove()
+    words = int((cond.txt[0][:, 0] >= 0).sum())  # instruction words + "picture i" labels
+    assert seen == [words] and words < cond.txt[0].shape[0]

@@ -38,6 +38,8 @@ HEADLINE = ("overall", *METRICS)  # what summaries and tables report
 BASELINES = ("copy_first", "copy_last", "grey", "other_target")
 GREY = (128, 128, 128)
 WORST_CASES = 8  # rows of the worst-case grid
+FAILED_BELOW = 0.5  # a sample whose overall score is below this failed
+LOST_BELOW = 0.5  # ... and lost its least consistent reference if that one scores below this
 
 
 class _Pipeline(Protocol):
@@ -52,12 +54,33 @@ class SampleRecord:
     task: str
     k: int
     score: SampleScore
+    roles: list[str] = field(default_factory=list)  # per reference: what it gives the target (spec)
+
+    @property
+    def failed(self) -> bool:
+        return self.score.overall < FAILED_BELOW
+
+    @property
+    def lost_reference(self) -> int | None:
+        """The picture (1-based) a failed sample lost: its least consistent reference, when that one
+        is below :data:`LOST_BELOW`; None for a success or a failure of the instruction alone."""
+        worst = int(np.argmin(self.score.ref_scores))
+        return worst + 1 if self.failed and self.score.ref_scores[worst] < LOST_BELOW else None
+
+    @property
+    def lost_role(self) -> str:
+        """'background', 'object', ... (what the lost picture contributes), 'none' or 'unknown'."""
+        lost = self.lost_reference
+        if lost is None:
+            return "none"
+        return self.roles[lost - 1] if lost <= len(self.roles) else "unknown"
 
     def to_json(self) -> dict[str, Any]:
         scores = self.score.to_json()
         # PSNR of a pixel-exact output is inf, which strict JSON cannot carry.
         scores = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in scores.items()}
-        return {"index": self.index, "task": self.task, "k": self.k, **scores}
+        lost = {"failed": self.failed, "lost_reference": self.lost_reference}
+        return {"index": self.index, "task": self.task, "k": self.k, **scores, **lost}
 
 
 def summarise(records: Sequence[SampleRecord]) -> dict[str, float]:
@@ -159,7 +182,29 @@ class EvalReport:
         if self.baselines:
             by_k = {f"{k} · {name}": v for name, b in self.baselines.items() for k, v in b.by_k.items()}
             parts += ["## Baselines by number of references", ""] + table("K · baseline", by_k) + [""]
-        return "\n".join(parts)
+        return "\n".join(parts + self._lost_section())
+
+    def _lost_section(self) -> list[str]:
+        failed = [r for r in self.records if r.failed]
+        counts: dict[tuple[int, str], int] = defaultdict(int)
+        for r in failed:
+            counts[(r.k, r.lost_role)] += 1
+        lines = [
+            "## Lost references",
+            "",
+            f"{len(failed)} of {self.n} samples failed (overall < {FAILED_BELOW}); what the least consistent "
+            f"reference gave the target when it scored below {LOST_BELOW} ('none': only the instruction failed).",
+            "",
+            "| K | lost | failed samples |",
+            "|---:|---|---:|",
+        ]
+        return lines + [f"| {k} | {role} | {n} |" for (k, role), n in sorted(counts.items())] + [""]
+
+
+def _roles(sample: Sample) -> list[str]:
+    """Per reference, the first thing it contributes ('background', 'object', 'colour', 'pattern')."""
+    refs = (sample.spec or {}).get("refs", [])
+    return [(r.get("contributes") or [{"what": "nothing"}])[0]["what"] for r in refs]
 
 
 def _batches(samples: Iterable[Sample], size: int) -> Iterable[list[Sample]]:
@@ -220,7 +265,7 @@ def evaluate(
                 target_like=[sc.size for sc in scorers],
             )
             for s, sc, img in zip(batch, scorers, result.images, strict=True):
-                records.append(SampleRecord(index=index, task=s.task, k=s.k, score=sc(img)))
+                records.append(SampleRecord(index=index, task=s.task, k=s.k, score=sc(img), roles=_roles(s)))
                 if keep_outputs:
                     outputs.append(img)
                 index += 1
@@ -260,7 +305,7 @@ def evaluate_baselines(samples: Sequence[Sample], names: Sequence[str] = BASELIN
     scorers = [Scorer(s) for s in samples]
     for name in names:
         records = [
-            SampleRecord(index=i, task=s.task, k=s.k, score=sc(baseline_output(name, samples, i)))
+            SampleRecord(index=i, task=s.task, k=s.k, score=sc(baseline_output(name, samples, i)), roles=_roles(s))
             for i, (s, sc) in enumerate(zip(samples, scorers, strict=True))
         ]
         reports[name] = EvalReport.from_records(records, {"baseline": name})

@@ -15,7 +15,7 @@ from uniref.budget import PlanMode, Size
 from uniref.cli import app, warnings_to_stderr
 from uniref.cli.plan import plan_json
 from uniref.errors import BudgetError, ImageInputError, UniRefError
-from uniref.images import load_images, save_image
+from uniref.images import image_size, load_images, save_image
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -42,6 +42,10 @@ def edit_command(
     output: Annotated[Path, typer.Option("-o", "--output", help="where to write the edited image")],
     model: Annotated[str, typer.Option(help="tiny (embedded default), tiny-random, or a model folder")] = "tiny",
     size: Annotated[str | None, typer.Option(help="output size WxH; default: from the last reference")] = None,
+    size_like: Annotated[
+        int | None,
+        typer.Option("--size-like", help="output takes reference N's aspect (1-based) under the output budget"),
+    ] = None,
     steps: Annotated[int | None, typer.Option(min=1, help="denoising steps; default: the model's")] = None,
     guidance: Annotated[float | None, typer.Option(help="true-CFG scale (1 = off); default: the model's")] = None,
     seed: Annotated[int, typer.Option(help="noise seed")] = 0,
@@ -62,8 +66,12 @@ def edit_command(
     if mode is PlanMode.GLOBAL_ROUND:
         raise BudgetError("--mode global_round only plans; edit with global or per_image")
     target = parse_size(size) if size else None
+    if size_like is not None and (size is not None or not 1 <= size_like <= len(ref)):
+        problem = "give --size or --size-like, not both" if size else f"there are {len(ref)} references (1..{len(ref)})"
+        raise BudgetError(f"--size-like {size_like}: {problem}")
     check_output_path(output)
     refs = load_images(ref)
+    like = image_size(refs[size_like - 1]) if size_like is not None else None
     total_start = time.perf_counter()
     with warnings_to_stderr():
         pipe = EditPipeline.from_pretrained(model, device=device, dtype=getattr(torch, DTYPES[dtype]))
@@ -77,6 +85,7 @@ def edit_command(
             budget=budget,
             mode=mode,
             progress=progress,
+            target_like=like,
         )
     image = result.images[0]
     save_image(image, output)

@@ -65,3 +65,18 @@ def export_command(
 
     written = export_run(run, out, step=step, ema=ema, half=half)
     typer.echo(f"wrote {written}")
+
+
+@train_app.command("codec")
+def codec_command(
+    out: Annotated[Path, typer.Option("-o", "--out", help="folder for codec.json + codec.safetensors")],
+    minutes: Annotated[float, typer.Option(min=0.05, help="wall time to train for")] = 15.0,
+    channels: Annotated[int, typer.Option(min=1, help="latent channels per 8×8 cell")] = 16,
+    width: Annotated[int, typer.Option(min=4, help="feature width at full resolution")] = 16,
+    seed: Annotated[int, typer.Option(help="data and initialisation seed")] = 0,
+) -> None:
+    """Train the tiny flavour's autoencoder on generated scenes (then frozen; see uniref.models.codec)."""
+    from uniref.models.codec import CodecConfig, train_codec
+
+    _, psnr = train_codec(out, minutes, CodecConfig(channels=channels, width=width), seed=seed)
+    typer.echo(f"wrote {out}: held-out reconstruction PSNR {psnr:.2f} dB")

@@ -38,6 +38,7 @@ from uniref.budget import Size, plan
 from uniref.errors import ModelError
 from uniref.images import atomic_path, image_size, resize, to_tensor
 from uniref.models.base import Conditioning, EditModel, LatentSpec, ScheduleSpec
+from uniref.models.codec import Codec, CodecConfig, codec_folder, load_codec
 from uniref.sequence import (
     PAD,
     REFERENCE,
@@ -59,6 +60,8 @@ WEIGHTS_FILE = "model.safetensors"
 MIN_SIGMA = 1e-4
 # Timesteps are embedded as σ·1000, the scale diffusers' Qwen-Image transformer uses.
 TIMESTEP_SCALE = 1000.0
+BUNDLED = "bundled"  # TinyConfig.codec of a saved model: its codec's weights are in model.safetensors
+CODEC_PREFIX = "codec."
 SPECIAL_WORDS = ("<pad>", "<unk>")
 PAD_ID, UNK_ID = 0, 1
 
@@ -81,6 +84,10 @@ class TinyConfig:
     text_layers: int = 2
     max_text_len: int = 96
     unshuffle: int = 4  # codec: pixels per latent cell side
+    # "" : the exact pixel-unshuffle codec. "scenes": the shipped autoencoder (uniref.models.codec), or
+    # a folder of one; a saved model holds its codec's weights and says "bundled".
+    codec: str = ""
+    codec_channels: int = 0  # latent channels of the autoencoder (filled in from it); 0: unshuffle
     patch: int = 2  # latent cells per token side
     rope_axes: tuple[int, int, int] = (8, 12, 12)  # frame/row/col dims; sums to head dim
     max_frames: int = 16  # images per sample (target + references)
@@ -100,12 +107,16 @@ class TinyConfig:
     )
 
     @property
+    def latent_channels(self) -> int:
+        return self.codec_channels or 3 * self.unshuffle**2
+
+    @property
     def token_dim(self) -> int:
-        return 3 * (self.unshuffle * self.patch) ** 2
+        return self.latent_channels * self.patch**2
 
     def spec(self) -> LatentSpec:
         return LatentSpec(
-            latent_channels=3 * self.unshuffle**2,
+            latent_channels=self.latent_channels,
             vae_scale=self.unshuffle,
             patch_size=self.patch,
             plan_multiple=self.plan_multiple,
@@ -250,6 +261,11 @@ class TextImages:
     is_image: torch.Tensor  # (R, Lt) bool
     pixels: torch.Tensor  # (R, Lt, token_dim)
     coords: torch.Tensor  # (R, Lt, 2)
+    # The denoiser's text stream holds the words only (R, Lw): the position of each in the encoder's
+    # rows, and its sample id (PAD for padding). The thumbnails have done their work once the
+    # encoder has read them, and leaving them out keeps the joint blocks as cheap as without binding.
+    words_at: torch.Tensor  # (R, Lw) long
+    words_ids: torch.Tensor  # (R, Lw) long
 
 
 # Columns of a bound text item (one row per text token): word id (-1 for an image token), picture
@@ -308,7 +324,7 @@ class TinyMMDiT(nn.Module):
         img_ids: torch.Tensor,  # (R, Li) sample index or PAD
         words: torch.Tensor,  # (R, Lt) packed word ids
         word_index: torch.Tensor,  # (R, Lt) position of each word in its instruction
-        txt_pos: torch.Tensor,  # (R, Lt, 3)
+        txt_pos: torch.Tensor,  # (R, Lt, 3); with binding (R, Lw, 3): the words' positions
         txt_ids: torch.Tensor,  # (R, Lt) sample index or PAD
         sigma: torch.Tensor,  # (B,)
         binding: TextImages | None = None,
@@ -333,6 +349,9 @@ class TinyMMDiT(nn.Module):
         for block in self.text_blocks:
             txt_h = block(txt_h, text_mask)
         txt_h = self.txt_in(self.text_norm(txt_h))
+        if binding is not None:
+            txt_h = txt_h.gather(1, binding.words_at[..., None].expand(-1, -1, txt_h.shape[-1]))
+            txt_ids = binding.words_ids
         frames = position_ids[..., 0].clamp(0, cfg.max_frames - 1)
         img = self.img_in(x_t) + self.frame_embed(frames) + self.coord_in(_fourier(coords, cfg.coord_freqs))
         # Per-sample embeddings of σ and of 0 (clean references), gathered per token; row B is padding.
@@ -373,9 +392,17 @@ def normalised_coords(grids: Sequence[tuple[int, int]]) -> torch.Tensor:
 class TinyModel(EditModel):
     """The tiny flavour behind the :class:`EditModel` protocol."""
 
-    def __init__(self, config: TinyConfig, net: TinyMMDiT, tokenizer: WordTokenizer, name: str = "tiny") -> None:
+    def __init__(
+        self,
+        config: TinyConfig,
+        net: TinyMMDiT,
+        tokenizer: WordTokenizer,
+        name: str = "tiny",
+        codec: Codec | None = None,
+    ) -> None:
         self.config = config
         self.net = net
+        self.codec = codec  # frozen, outside the denoiser: the trainer never updates it
         self.tokenizer = tokenizer
         self.name = name
         self.spec = config.spec()
@@ -446,12 +473,23 @@ class TinyModel(EditModel):
         rows[:, _FRAME] = frame
         return rows
 
+    def _codec(self) -> Codec | None:
+        if self.codec is not None:
+            self.codec.to(self.device, self.dtype)
+        return self.codec
+
     def encode_images(self, images: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        r = self.config.unshuffle
+        codec, r = self._codec(), self.config.unshuffle
+        with torch.no_grad():
+            if codec is not None:
+                return [codec.encode(img.to(self.device, self.dtype)[None])[0] for img in images]
         return [F.pixel_unshuffle(img.to(self.device, self.dtype)[None], r)[0] for img in images]
 
     def decode_latents(self, latents: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        r = self.config.unshuffle
+        codec, r = self._codec(), self.config.unshuffle
+        if codec is not None:
+            with torch.no_grad():
+                return [codec.decode(lat[None].to(self.device, self.dtype))[0] for lat in latents]
         return [F.pixel_shuffle(lat[None], r)[0] for lat in latents]
 
     def predict_x0(self, batch: PackedBatch, cond: Conditioning, sigma: torch.Tensor) -> torch.Tensor:
@@ -459,15 +497,21 @@ class TinyModel(EditModel):
         device = self.device
         coords = batch.pack_like([normalised_coords(s.grids) for s in batch.sequences])
         binding = None
+        denoiser_text = list(cond.txt)
         if cond.txt[0].is_floating_point():  # bound text items (binding_budget > 0)
             items = pack_stream(batch.rows, list(cond.txt))
             values = items.values
             words = PackedStream(values[..., _WORD].clamp_min(0).long(), items.sample_ids, items.spans)
+            at = [torch.nonzero(t[:, _WORD] >= 0)[:, 0] for t in cond.txt]
+            words_at = pack_stream(batch.rows, [a + items.spans[i][1] for i, a in enumerate(at)])
+            denoiser_text = [t[a] for t, a in zip(cond.txt, at, strict=True)]
             binding = TextImages(
                 frame=values[..., _FRAME].long().to(device),
                 is_image=(values[..., _WORD] < 0).to(device),
                 pixels=values[..., _PIXELS].to(device, self.dtype),
                 coords=values[..., _COORDS].to(device, self.dtype),
+                words_at=words_at.values.to(device),
+                words_ids=words_at.sample_ids.to(device),
             )
         else:
             words = pack_stream(batch.rows, list(cond.txt))
@@ -476,7 +520,7 @@ class TinyModel(EditModel):
             batch.rows,
             [
                 text_position_ids(t.shape[0], text_position_start(s.grids))
-                for t, s in zip(cond.txt, batch.sequences, strict=True)
+                for t, s in zip(denoiser_text, batch.sequences, strict=True)
             ],
         ).values
         return self.net(
@@ -509,8 +553,13 @@ class TinyModel(EditModel):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         config = {**asdict(self.config), **native}
-        meta = {"flavour": "tiny", "config": config, "vocabulary": self.tokenizer.words}
+        meta: dict[str, Any] = {"flavour": "tiny", "config": config, "vocabulary": self.tokenizer.words}
         state = {k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in self.net.state_dict().items()}
+        if self.codec is not None:  # the codec stays float32: it is small and decodes every output
+            config["codec"] = BUNDLED
+            meta["codec"] = asdict(self.codec.config)
+            codec_state = self.codec.state_dict()
+            state.update({f"{CODEC_PREFIX}{k}": v.detach().contiguous().cpu() for k, v in codec_state.items()})
         with atomic_path(folder / WEIGHTS_FILE) as tmp:
             save_file(state, str(tmp))
         with atomic_path(folder / CONFIG_FILE) as tmp:
@@ -522,13 +571,27 @@ def build_tiny(config: TinyConfig | None = None, seed: int = 0, name: str = "tin
     """A randomly initialised tiny model (deterministic for ``seed``)."""
     config = config or TinyConfig()
     words = list(config.vocabulary) or _default_vocabulary()
-    config = TinyConfig(**{**asdict(config), "vocabulary": tuple(words)})
+    codec = None
+    if config.codec:
+        if config.codec == BUNDLED:
+            raise ModelError("codec 'bundled' is read from a saved model folder; use 'scenes' or a codec folder")
+        codec = load_codec(codec_folder(config.codec))
+    config = _with_codec(TinyConfig(**{**asdict(config), "vocabulary": tuple(words)}), codec)
     tokenizer = WordTokenizer(words)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = TinyMMDiT(config, len(tokenizer))
     net.eval()
-    return TinyModel(config, net, tokenizer, name=name)
+    return TinyModel(config, net, tokenizer, name=name, codec=codec)
+
+
+def _with_codec(config: TinyConfig, codec: Codec | None) -> TinyConfig:
+    """The config's latent geometry taken from its codec (cell size, channels, planner multiple)."""
+    if codec is None:
+        return config
+    cc = codec.config
+    changes = {"codec_channels": cc.channels, "unshuffle": cc.factor, "plan_multiple": cc.factor * config.patch}
+    return TinyConfig(**{**asdict(config), **changes})
 
 
 def load_tiny_folder(folder: str | Path, device: str = "cpu", dtype: torch.dtype | None = None) -> TinyModel:
@@ -545,12 +608,22 @@ def load_tiny_folder(folder: str | Path, device: str = "cpu", dtype: torch.dtype
         raise ModelError(f"{folder}: not a readable UniRef tiny checkpoint ({exc})") from None
     tokenizer = WordTokenizer(meta["vocabulary"])
     net = TinyMMDiT(config, len(tokenizer))
+    codec = None
+    if config.codec:
+        try:
+            codec = Codec(CodecConfig(**meta["codec"]))
+            prefixed = {k: v for k, v in state.items() if k.startswith(CODEC_PREFIX)}
+            codec.load_state_dict({k.removeprefix(CODEC_PREFIX): v.float() for k, v in prefixed.items()})
+        except (KeyError, TypeError, RuntimeError) as exc:
+            raise ModelError(f"{folder}: the bundled codec does not load ({exc})") from None
+        codec.eval().requires_grad_(False)
+        state = {k: v for k, v in state.items() if not k.startswith(CODEC_PREFIX)}
     # Shipped weights may be stored in float16; compute happens in float32 (or the requested dtype).
     missing, unexpected = net.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
     if missing or unexpected:
         raise ModelError(f"{folder}: weights do not match the config (missing {missing}, unexpected {unexpected})")
     net.to(device=device, dtype=dtype or torch.float32).eval()
-    return TinyModel(config, net, tokenizer, name=str(folder))
+    return TinyModel(config, net, tokenizer, name=str(folder), codec=codec)
 
 
 def load_tiny(device: str = "cpu", dtype: torch.dtype | None = None, **_: Any) -> TinyModel:

@@ -56,6 +56,8 @@ class StageSection(StrictModel):
     batch_size: int = Field(..., gt=0, description="global batch size (samples per optimizer step)")
     lr_scale: float = Field(1.0, gt=0, description="multiplies the schedule's learning rate in this stage")
     warmup_steps: int = Field(0, ge=0, description="extra warm-up at the start of this stage")
+    task_mix: dict[str, float] | None = Field(None, description="this stage's data.task_mix (a K curriculum)")
+    max_refs: int | None = Field(None, ge=1, le=10, description="this stage's data.max_refs")
 
 
 class OptimSection(StrictModel):

@@ -11,7 +11,8 @@ running on any number of processes, sees exactly the samples of one uninterrupte
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import bisect
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -22,7 +23,7 @@ from uniref.data import SizeRange, TaskConfig, generate, parse_tasks
 from uniref.data.sample import Sample
 from uniref.data.splits import split_seed
 from uniref.errors import ConfigError, DataError
-from uniref.train.config import DataSection
+from uniref.train.config import DataSection, StageSection
 
 
 class SampleSource(Protocol):
@@ -75,6 +76,35 @@ def build_source(data: DataSection) -> SampleSource:
     if data.source == "scenes":
         return SceneSource(data.task_mix, data.max_refs, data.size_range, data.seed_offset)
     return DatasetSource(data.source, data.seed_offset)
+
+
+class StagedSource:
+    """Stages that set their own ``task_mix`` or ``max_refs`` (a curriculum) draw from their own
+    scene source; sample ``n`` belongs to the stage whose steps hold it, so it stays a pure
+    function of ``n`` and resuming sees the same data."""
+
+    def __init__(self, sources: list[SampleSource], first_index: list[int]) -> None:
+        self.sources, self.first_index = sources, first_index
+
+    def sample(self, index: int) -> Sample:
+        stage = max(0, bisect.bisect_right(self.first_index, index) - 1)
+        return self.sources[stage].sample(index)
+
+
+def build_staged_source(data: DataSection, stages: Sequence[StageSection]) -> SampleSource:
+    """:func:`build_source`, or a :class:`StagedSource` when a stage overrides the task mix or K."""
+    if not any(s.task_mix is not None or s.max_refs is not None for s in stages):
+        return build_source(data)
+    if data.source != "scenes":
+        raise ConfigError("stages: task_mix and max_refs apply to generated scenes (data.source: scenes) only")
+    sources: list[SampleSource] = []
+    first, start = [], 0
+    for stage in stages:
+        overrides = {"task_mix": stage.task_mix or data.task_mix, "max_refs": stage.max_refs or data.max_refs}
+        sources.append(build_source(data.model_copy(update=overrides)))
+        first.append(start)
+        start += stage.steps * stage.batch_size
+    return StagedSource(sources, first)
 
 
 class StepBatches(torch.utils.data.Sampler[list[int]]):

@@ -23,7 +23,7 @@ from uniref.errors import ConfigError
 from uniref.models import EditModel, load_model
 from uniref.train.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from uniref.train.config import ModelSection
-from uniref.train.data import SampleSource, build_source
+from uniref.train.data import SampleSource, build_staged_source
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -34,7 +34,7 @@ def start_run(config: Any) -> tuple[EditModel, SampleSource]:
 
     torch.manual_seed(config.run.seed)
     state = PartialState(cpu=not torch.cuda.is_available())
-    return build_model(config.model, state.device), build_source(config.data)
+    return build_model(config.model, state.device), build_staged_source(config.data, getattr(config, "stages", ()))
 
 
 def build_model(section: ModelSection, device: torch.device) -> EditModel:

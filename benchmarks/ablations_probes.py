@@ -1,0 +1,142 @@
+"""Probes (issue 17 §3): short runs of the new tiny recipe's levers at equal wall time, scored on the
+**validation** split (never the test split), with the trivial baselines beside them.
+
+Every arm is a whole recipe in configs/probes/; a probe trains it from scratch for ``--minutes`` of
+wall time (all arms under the same load: ``--jobs`` at once on ``--threads`` threads each), stops it
+with SIGTERM (the trainer checkpoints and exits), and evaluates its EMA weights. The winner's run
+goes on from its checkpoint as the real recipe: a probe is the first minutes of that run.
+
+    python -m benchmarks.ablations probes --minutes 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from benchmarks._report import markdown_table
+from benchmarks.ablations import FIGURES, ROOT, eval_model, sample_grid, train_hours, write
+from uniref.config import read_yaml
+from uniref.data import SizeRange, TaskConfig, parse_tasks
+from uniref.data.splits import split_samples
+from uniref.eval import EvalReport, evaluate_baselines
+
+CONFIGS = ROOT / "configs" / "probes"
+MARKER = "probe.json"  # written when a probe's wall time is used up: {"minutes", "steps"}
+ARMS = {
+    "words": "words only (no binding)",
+    "bind16": "binding, 16 tokens/ref",
+}
+K_COLUMNS = (("1", (1,)), ("2", (2,)), ("3", (3,)), ("4–6", (4, 5, 6)))
+
+
+def arm_run(name: str) -> Path:
+    return ROOT / read_yaml(CONFIGS / f"{name}.yaml")["run"]["output_dir"]
+
+
+def probe_done(name: str, minutes: float) -> bool:
+    marker = arm_run(name) / MARKER
+    return marker.exists() and json.loads(marker.read_text())["minutes"] >= minutes
+
+
+def train_probe(name: str, minutes: float, threads: int) -> None:
+    """Train one arm from scratch for ``minutes`` of wall time, then SIGTERM it (it checkpoints)."""
+    run = arm_run(name)
+    if run.exists():
+        shutil.rmtree(run)  # a probe cut short has an unknown share of its time: start it over
+    run.mkdir(parents=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    cmd = [sys.executable, "-m", "uniref", "train", "sft", "--config", str(CONFIGS / f"{name}.yaml")]
+    cmd.append("log.progress=false")
+    print(f"probe {name}: {minutes} min ({' '.join(cmd[2:])})", flush=True)
+    with (run.parent / f"{name}.log").open("w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            proc.wait(timeout=minutes * 60)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait()
+    steps = max((r["step"] for r in metrics_rows_at(run) if "loss" in r), default=0)
+    if proc.returncode not in (0, -signal.SIGTERM) or not steps:
+        raise SystemExit(f"probe {name} failed (exit {proc.returncode}); see {run.parent / f'{name}.log'}")
+    (run / MARKER).write_text(json.dumps({"minutes": minutes, "steps": steps}))
+
+
+def metrics_rows_at(run: Path) -> list[dict]:
+    path = run / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def export_probe(name: str) -> Path:
+    from uniref.train.checkpoint import latest_checkpoint
+    from uniref.train.export import export_run
+
+    run = arm_run(name)
+    ckpt = latest_checkpoint(run)
+    if ckpt is None:
+        raise SystemExit(f"probe {name}: no checkpoint in {run}")
+    out = run / f"export_{ckpt.name}"
+    if not (out / "uniref_model.json").exists():
+        export_run(run, out)
+    return out
+
+
+def val_samples(n: int) -> list:
+    config = TaskConfig(tasks=parse_tasks("edit,compose"), max_refs=6, size_range=SizeRange(48, 160))
+    return split_samples("val", n, config)
+
+
+def k_overall(report: EvalReport, ks: tuple[int, ...]) -> str:
+    scores = [r.score.overall for r in report.records if r.k in ks]
+    return f"{sum(scores) / len(scores):.3f}" if scores else "–"
+
+
+def run(args: argparse.Namespace) -> None:
+    names = list(ARMS)
+    todo = [n for n in names if not probe_done(n, args.minutes)]
+    if todo and not args.no_train:
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            list(pool.map(lambda n: train_probe(n, args.minutes, args.threads), todo))
+    missing = [n for n in names if not probe_done(n, args.minutes)]
+    if missing:
+        raise SystemExit(f"probes not trained for {args.minutes} min: {', '.join(missing)} (rerun without --no-train)")
+    samples = val_samples(args.n)
+    reports: dict[str, EvalReport] = {}
+    rows = []
+    for name in names:
+        report, _ = eval_model(export_probe(name), samples)
+        reports[ARMS[name]] = report
+        history = metrics_rows_at(arm_run(name))
+        steps = json.loads((arm_run(name) / MARKER).read_text())["steps"]
+        hours = train_hours(history)
+        rows.append([ARMS[name], steps, f"{steps / max(hours * 3600, 1e-9):.2f}"] + _score_cells(report))
+    for base, report in evaluate_baselines(samples).items():
+        rows.append([f"*baseline: {base}*", "", ""] + _score_cells(report))
+    header = ["arm", "steps", "steps/s", "overall"] + [f"overall K={k}" for k, _ in K_COLUMNS]
+    header += ["worst ref", "instruction"]
+    sample_grid(samples, reports, FIGURES / "probes_samples.png")
+    configs = ", ".join(f"`configs/probes/{n}.yaml`" for n in names)
+    write(
+        "probes",
+        f"## Probes: the new tiny recipe's levers at equal wall time (issue 17 §3)\n\n"
+        f"Command: `python -m benchmarks.ablations probes --minutes {args.minutes:g} --jobs {args.jobs} "
+        f"--threads {args.threads}`. Arms: {configs}; each trains from scratch for {args.minutes:g} min of wall "
+        f"time, {args.jobs} at once on {args.threads} thread(s) each (so steps/s are under that shared load), "
+        f"and is scored with its EMA weights on the first {args.n} **validation** samples (edit + compose, "
+        f"K ≤ 6). `overall` = √(instruction · worst ref) per sample.\n\n"
+        + markdown_table(header, rows)
+        + "\n\n![probe samples](ablations/probes_samples.png)\n",
+    )
+    print("probes: wrote docs/ablations.md and docs/ablations/probes_samples.png", flush=True)
+
+
+def _score_cells(report: EvalReport) -> list[str]:
+    cells = [f"{report.overall:.3f}"] + [k_overall(report, ks) for _, ks in K_COLUMNS]
+    return cells + [f"{report.worst_ref_consistency:.3f}", f"{report.instruction_accuracy:.3f}"]
