@@ -4,7 +4,15 @@ import pytest
 import torch
 
 from uniref.errors import ModelError
-from uniref.models.codec import Codec, CodecConfig, load_codec, reconstruction_psnr, save_codec, scene_crops, train_codec
+from uniref.models.codec import (
+    Codec,
+    CodecConfig,
+    load_codec,
+    reconstruction_psnr,
+    save_codec,
+    scene_crops,
+    train_codec,
+)
 from uniref.models.tiny import BUNDLED, TinyConfig, build_tiny, load_tiny_folder
 
 WORDS = ("put", "the", "red", "circle", "from", "picture", "on", "background", "of", "1", "2", "3")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import time
@@ -55,6 +56,10 @@ def edit_command(
     dtype: Annotated[str, typer.Option(help="fp32, bf16 or fp16")] = "fp32",
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+    explain: Annotated[
+        Path | None,
+        typer.Option(help="write per-reference attention (heat maps, attention.json, summary) into this folder"),
+    ] = None,
 ) -> None:
     """Edit or compose: the instruction refers to the references as picture 1..K in --ref order."""
     import torch
@@ -75,20 +80,31 @@ def edit_command(
     total_start = time.perf_counter()
     with warnings_to_stderr():
         pipe = EditPipeline.from_pretrained(model, device=device, dtype=getattr(torch, DTYPES[dtype]))
-        result = pipe.generate(
-            instruction,
-            refs,
-            target,
-            steps=steps,
-            guidance=guidance,
-            seed=seed,
-            budget=budget,
-            mode=mode,
-            progress=progress,
-            target_like=like,
-        )
+        recorder = getattr(pipe.model, "record_attention", None)
+        if explain is not None and recorder is None:
+            raise UniRefError(f"--explain: model {model} does not expose its attention (the tiny flavour does)")
+        with recorder() if explain is not None else contextlib.nullcontext() as attention:
+            result = pipe.generate(
+                instruction,
+                refs,
+                target,
+                steps=steps,
+                guidance=guidance,
+                seed=seed,
+                budget=budget,
+                mode=mode,
+                progress=progress,
+                target_like=like,
+            )
     image = result.images[0]
     save_image(image, output)
+    explained = None
+    if explain is not None:
+        from uniref.explain import write_explanation
+
+        explained = write_explanation(explain, image, attention.mean(0), attention.grids[0])
+        if not as_json:
+            typer.echo(explained)
     if as_json:
         seconds = result.timings.as_dict()
         seconds["total"] = time.perf_counter() - total_start
@@ -96,6 +112,7 @@ def edit_command(
         typer.echo(
             json.dumps(
                 {"output": str(output), "width": image.width, "height": image.height, "plan": plan, "seconds": seconds}
+                | ({"explain": {"folder": str(explain), "summary": explained}} if explain is not None else {})
             )
         )
     else:

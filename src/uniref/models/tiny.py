@@ -22,7 +22,8 @@ import json
 import math
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from torch.utils.checkpoint import checkpoint
 
 from uniref.budget import Size, plan
 from uniref.errors import ModelError
+from uniref.explain import AttentionLog
 from uniref.images import atomic_path, image_size, resize, to_tensor
 from uniref.models.base import Conditioning, EditModel, LatentSpec, ScheduleSpec
 from uniref.models.codec import Codec, CodecConfig, codec_folder, load_codec
@@ -204,6 +206,7 @@ class JointBlock(nn.Module):
         super().__init__()
         self.img = Stream(width, heads, mlp_ratio)
         self.txt = Stream(width, heads, mlp_ratio, with_output=not last)
+        self.record: list[torch.Tensor] | None = None  # attention weights, when explaining (uniref.explain)
 
     def forward(
         self,
@@ -226,6 +229,9 @@ class JointBlock(nn.Module):
         k = apply_rope(torch.cat([kt, ki], dim=2), rope)
         v = torch.cat([vt, vi], dim=2)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (R, H, L, Dh)
+        if self.record is not None:  # the same softmax SDPA computes, kept (averaged over heads)
+            logits = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+            self.record.append(logits.masked_fill(~mask, float("-inf")).softmax(-1).mean(1))
         out = out.transpose(1, 2).flatten(2)  # (R, L, W)
         n_txt = txt.shape[1]
         txt = self.txt.finish(txt, out[:, :n_txt], txt_mod) if self.txt.with_output else txt
@@ -403,6 +409,7 @@ class TinyModel(EditModel):
         self.config = config
         self.net = net
         self.codec = codec  # frozen, outside the denoiser: the trainer never updates it
+        self._attention: AttentionLog | None = None
         self.tokenizer = tokenizer
         self.name = name
         self.spec = config.spec()
@@ -492,9 +499,44 @@ class TinyModel(EditModel):
                 return [codec.decode(lat[None].to(self.device, self.dtype))[0] for lat in latents]
         return [F.pixel_shuffle(lat[None], r)[0] for lat in latents]
 
+    @contextmanager
+    def record_attention(self) -> Iterator[AttentionLog]:
+        """Within the block, every forward adds each sample's attention masses to the yielded log."""
+        self._attention = AttentionLog()
+        try:
+            yield self._attention
+        finally:
+            self._attention = None
+            for block in self.net.blocks:
+                block.record = None
+
+    def _log_attention(self, batch: PackedBatch, text: PackedStream) -> None:
+        """Per sample, from each block's weights: the mass target tokens give to themselves, the
+        text and each reference (see uniref.explain)."""
+        assert self._attention is not None
+        weights = [block.record.pop() for block in self.net.blocks if block.record]
+        n_txt = text.values.shape[1]
+        for j, seq in enumerate(batch.sequences):
+            row, start, _ = batch.tokens.spans[j]
+            t_row, t_start, t_len = text.spans[j]
+            sizes = [h * w for h, w in seq.grids]
+            queries = slice(n_txt + start, n_txt + start + sizes[0])
+            groups = [slice(n_txt + start, n_txt + start + sizes[0]), slice(t_start, t_start + t_len)]
+            offset = n_txt + start + sizes[0]
+            for n in sizes[1:]:
+                groups.append(slice(offset, offset + n))
+                offset += n
+            masses = torch.stack(
+                [torch.stack([w[row, queries, g].sum(-1) for g in groups], dim=-1) for w in weights]
+            )  # (layers, target tokens, 2 + K)
+            self._attention.add(j, masses, seq.grids[0])
+
     def predict_x0(self, batch: PackedBatch, cond: Conditioning, sigma: torch.Tensor) -> torch.Tensor:
         """Predicted clean tokens for every token of ``batch`` (R, C, D)."""
         device = self.device
+        if self._attention is not None:
+            for block in self.net.blocks:
+                block.record = []
         coords = batch.pack_like([normalised_coords(s.grids) for s in batch.sequences])
         binding = None
         denoiser_text = list(cond.txt)
@@ -504,6 +546,7 @@ class TinyModel(EditModel):
             words = PackedStream(values[..., _WORD].clamp_min(0).long(), items.sample_ids, items.spans)
             at = [torch.nonzero(t[:, _WORD] >= 0)[:, 0] for t in cond.txt]
             words_at = pack_stream(batch.rows, [a + items.spans[i][1] for i, a in enumerate(at)])
+            denoiser_stream = words_at
             denoiser_text = [t[a] for t, a in zip(cond.txt, at, strict=True)]
             binding = TextImages(
                 frame=values[..., _FRAME].long().to(device),
@@ -515,6 +558,7 @@ class TinyModel(EditModel):
             )
         else:
             words = pack_stream(batch.rows, list(cond.txt))
+            denoiser_stream = words
         word_index = pack_stream(batch.rows, [torch.arange(t.shape[0]) for t in cond.txt]).values
         txt_pos = pack_stream(
             batch.rows,
@@ -523,7 +567,7 @@ class TinyModel(EditModel):
                 for t, s in zip(denoiser_text, batch.sequences, strict=True)
             ],
         ).values
-        return self.net(
+        x0 = self.net(
             batch.tokens.values.to(device, self.dtype),
             batch.position_ids.to(device),
             coords.to(device, self.dtype),
@@ -536,6 +580,9 @@ class TinyModel(EditModel):
             sigma.to(device, self.dtype),
             binding,
         )
+        if self._attention is not None:
+            self._log_attention(batch, denoiser_stream)
+        return x0
 
     def velocity(self, batch: PackedBatch, cond: Conditioning, sigma: torch.Tensor) -> torch.Tensor:
         x0_hat = self.predict_x0(batch, cond, sigma)
