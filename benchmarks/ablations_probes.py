@@ -31,8 +31,10 @@ from uniref.eval import EvalReport, evaluate_baselines
 CONFIGS = ROOT / "configs" / "probes"
 MARKER = "probe.json"  # written when a probe's wall time is used up: {"minutes", "steps"}
 ARMS = {
-    "words": "words only (no binding)",
-    "bind16": "binding, 16 tokens/ref",
+    "words": "pixels, words only (no binding)",
+    "bind16": "pixels, binding 16 tokens/ref",
+    "codec_words": "codec, words only",
+    "codec_bind16": "codec, binding 16 tokens/ref",
 }
 K_COLUMNS = (("1", (1,)), ("2", (2,)), ("3", (3,)), ("4–6", (4, 5, 6)))
 
@@ -74,17 +76,27 @@ def metrics_rows_at(run: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
-def export_probe(name: str) -> Path:
-    from uniref.train.checkpoint import latest_checkpoint
+def checkpoint_steps(name: str) -> list[int]:
+    from uniref.train.checkpoint import list_checkpoints
+
+    return sorted(int(p.name.split("_")[-1]) for p in list_checkpoints(arm_run(name)))
+
+
+def common_step(names: list[str]) -> int:
+    """The latest step every arm has a checkpoint at: arms are compared at equal steps as well as
+    equal wall time (a slower arm's extra steps are not counted; steps/s is in the table)."""
+    shared = set.intersection(*(set(checkpoint_steps(n)) for n in names))
+    if not shared:
+        raise SystemExit(f"probes {', '.join(names)}: no checkpoint step in common")
+    return max(shared)
+
+
+def export_probe(name: str, step: int) -> Path:
     from uniref.train.export import export_run
 
-    run = arm_run(name)
-    ckpt = latest_checkpoint(run)
-    if ckpt is None:
-        raise SystemExit(f"probe {name}: no checkpoint in {run}")
-    out = run / f"export_{ckpt.name}"
+    out = arm_run(name) / f"export_step_{step:08d}"
     if not (out / "uniref_model.json").exists():
-        export_run(run, out)
+        export_run(arm_run(name), out, step=step)
     return out
 
 
@@ -110,16 +122,19 @@ def run(args: argparse.Namespace) -> None:
     samples = val_samples(args.n)
     reports: dict[str, EvalReport] = {}
     rows = []
+    evaluated = common_step(names)
     for name in names:
-        report, _ = eval_model(export_probe(name), samples)
+        report, _ = eval_model(export_probe(name, evaluated), samples)
         reports[ARMS[name]] = report
         history = metrics_rows_at(arm_run(name))
         steps = json.loads((arm_run(name) / MARKER).read_text())["steps"]
         hours = train_hours(history)
-        rows.append([ARMS[name], steps, f"{steps / max(hours * 3600, 1e-9):.2f}"] + _score_cells(report))
+        rate = f"{steps / max(hours * 3600, 1e-9):.2f}"
+        rows.append([ARMS[name], steps, rate, evaluated] + _score_cells(report))
     for base, report in evaluate_baselines(samples).items():
-        rows.append([f"*baseline: {base}*", "", ""] + _score_cells(report))
-    header = ["arm", "steps", "steps/s", "overall"] + [f"overall K={k}" for k, _ in K_COLUMNS]
+        rows.append([f"*baseline: {base}*", "", "", ""] + _score_cells(report))
+    header = ["arm", "steps trained", "steps/s", "evaluated step", "overall"]
+    header += [f"overall K={k}" for k, _ in K_COLUMNS]
     header += ["worst ref", "instruction"]
     sample_grid(samples, reports, FIGURES / "probes_samples.png")
     configs = ", ".join(f"`configs/probes/{n}.yaml`" for n in names)
@@ -129,8 +144,9 @@ def run(args: argparse.Namespace) -> None:
         f"Command: `python -m benchmarks.ablations probes --minutes {args.minutes:g} --jobs {args.jobs} "
         f"--threads {args.threads}`. Arms: {configs}; each trains from scratch for {args.minutes:g} min of wall "
         f"time, {args.jobs} at once on {args.threads} thread(s) each (so steps/s are under that shared load), "
-        f"and is scored with its EMA weights on the first {args.n} **validation** samples (edit + compose, "
-        f"K ≤ 6). `overall` = √(instruction · worst ref) per sample.\n\n"
+        f"and is scored with its EMA weights at step {evaluated}, the last step all arms reached (equal "
+        f"steps: per-step costs are in the steps/s column), on the first {args.n} **validation** samples "
+        f"(edit + compose, K ≤ 6). `overall` = √(instruction · worst ref) per sample.\n\n"
         + markdown_table(header, rows)
         + "\n\n![probe samples](ablations/probes_samples.png)\n",
     )

@@ -121,20 +121,29 @@ def test_stop_request_checkpoints_and_a_rerun_continues(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path: Path) -> None:
+@pytest.mark.parametrize("group", [False, True], ids=["process", "process-group-with-worker"])
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path: Path, group: bool) -> None:
+    # group: SIGTERM to the whole process group (as `timeout` and Slurm send it) reaches the data
+    # worker too; the trainer must still checkpoint instead of dying of the worker's death.
     cmd = [sys.executable, "-m", "uniref", "train", "sft", "--config", "configs/tiny_sft.yaml"]
     cmd += [*TINY, f"run.output_dir={tmp_path}", "train.max_steps=100000", "log.checkpoint_every=100000"]
+    cmd += [f"data.workers={int(group)}"]
     cmd[
         cmd.index(
             "stages=[{budget: 32, steps: 4, batch_size: 4}, {budget: 48, steps: 4, batch_size: 4, warmup_steps: 2}]"
         )
     ] = "stages=[{budget: 32, steps: 100000, batch_size: 2}]"
     root = Path(__file__).parent.parent
-    proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=group
+    )
     deadline = time.time() + 120
     while not (tmp_path / "metrics.jsonl").exists() and time.time() < deadline:
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    if group:
+        os.killpg(proc.pid, signal.SIGTERM)
+    else:
+        proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     assert "interrupted, checkpoint saved" in out

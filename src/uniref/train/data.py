@@ -12,6 +12,7 @@ running on any number of processes, sees exactly the samples of one uninterrupte
 from __future__ import annotations
 
 import bisect
+import signal
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Protocol
@@ -143,6 +144,14 @@ def _unzip(items: list[tuple[int, Sample]]) -> tuple[list[int], list[Sample]]:
     return [i for i, _ in items], [s for _, s in items]
 
 
+def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
+    """SIGTERM/SIGINT sent to the whole process group (``timeout``, Slurm, ``docker stop``, Ctrl-C)
+    would kill a worker mid-batch, and the DataLoader then raises in the trainer before it can
+    checkpoint; the trainer stops its workers itself once it has saved."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def step_loader(source: SampleSource, batches: StepBatches, workers: int) -> Iterator[tuple[list[int], list[Sample]]]:
     """(global indices, samples) for each step, generated ``workers`` processes ahead (0: inline)."""
     return iter(
@@ -153,5 +162,6 @@ def step_loader(source: SampleSource, batches: StepBatches, workers: int) -> Ite
             collate_fn=_unzip,
             prefetch_factor=2 if workers else None,
             persistent_workers=False,
+            worker_init_fn=_leave_stop_signals_to_the_trainer if workers else None,
         )
     )
