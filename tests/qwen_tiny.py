@@ -169,19 +169,31 @@ def save_folder(components: dict[str, Any], folder: str | Path) -> Path:
     return folder
 
 
-def diffusers_pipeline(components: dict[str, Any]) -> Any:
-    """diffusers' own ``QwenImageEditPlusPipeline`` over ``components`` (processor built without
-    torchvision, as our loader does), progress bar off."""
-    from diffusers import QwenImageEditPlusPipeline
+def diffusers_processor(components: dict[str, Any]) -> Any:
+    """The processor as diffusers' own tests build it: a ``Qwen2VLProcessor`` over the image processor
+    and tokenizer (theirs is ``from_pretrained`` of a Hub folder). Built here, not by our loader's
+    ``_make_processor``, so the reference side shares none of our code. The only change is that the
+    subclass declares no video processor: the real one needs torchvision and never sees an image."""
+    from transformers import Qwen2VLProcessor
 
-    from uniref.models.qwen_image import _make_processor
+    class NoVideo(Qwen2VLProcessor):
+        # ProcessorMixin builds (and type-checks) the attributes __init__ declares.
+        def __init__(self, image_processor: Any = None, tokenizer: Any = None, chat_template: Any = None, **kw: Any):
+            super().__init__(image_processor, tokenizer, chat_template=chat_template, **kw)
+
+    return NoVideo(components["image_processor"], components["tokenizer"])
+
+
+def diffusers_pipeline(components: dict[str, Any]) -> Any:
+    """diffusers' own ``QwenImageEditPlusPipeline`` over ``components``, progress bar off."""
+    from diffusers import QwenImageEditPlusPipeline
 
     pipe = QwenImageEditPlusPipeline(
         scheduler=components["scheduler"],
         vae=components["vae"],
         text_encoder=components["text_encoder"],
         tokenizer=components["tokenizer"],
-        processor=_make_processor(components["image_processor"], components["tokenizer"]),
+        processor=diffusers_processor(components),
         transformer=components["transformer"],
     )
     pipe.set_progress_bar_config(disable=True)

@@ -81,14 +81,17 @@ def euler_step(
     return (x.to(work) + (sigma_next - sigma) * v.to(work)).to(v.dtype)
 
 
-def true_cfg(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+def true_cfg(cond: torch.Tensor, uncond: torch.Tensor, scale: float, *, rescale: bool = True) -> torch.Tensor:
     """True classifier-free guidance with norm rescale (as diffusers' QwenImageEditPlusPipeline):
 
         g = u + scale·(c − u);        out = g · ‖c‖ / ‖g‖
 
     with norms over the last (feature) axis of each token, so guidance changes direction only.
+    ``rescale=False`` returns ``g`` itself (diffusers' QwenImage21Pipeline).
     """
     guided = uncond + scale * (cond - uncond)
+    if not rescale:
+        return guided
     return guided * (cond.norm(dim=-1, keepdim=True) / guided.norm(dim=-1, keepdim=True))
 
 

@@ -19,6 +19,7 @@ diffusers it does not also require a negative prompt: the default negative is Qw
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from collections.abc import Sequence
@@ -305,14 +306,23 @@ class EditPipeline:
         self.last_packing = batch.rows
         xs = [seq.tokens[: seq.num_target_tokens].clone() for seq in sequences]  # each (L_t, D)
         steps = len(schedules[0]) - 1
-        for i in tqdm(range(steps), desc="denoise", disable=not progress, leave=False):
-            sigma = torch.stack([s[i] for s in schedules])  # (B,)
-            v = target_velocity(self.model, batch, xs, cond, neg_cond, sigma, guidance)
-            xs = [
-                flow.euler_step(x, vi, s[i].float(), s[i + 1].float())
-                for x, vi, s in zip(xs, v, schedules, strict=True)
-            ]
+        with condition_cache(self.model):
+            for i in tqdm(range(steps), desc="denoise", disable=not progress, leave=False):
+                sigma = torch.stack([s[i] for s in schedules])  # (B,)
+                v = target_velocity(self.model, batch, xs, cond, neg_cond, sigma, guidance)
+                xs = [
+                    flow.euler_step(x, vi, s[i].float(), s[i + 1].float())
+                    for x, vi, s in zip(xs, v, schedules, strict=True)
+                ]
         return xs
+
+
+def condition_cache(model: EditModel) -> contextlib.AbstractContextManager[Any]:
+    """The model's per-request condition key/value cache for one sampling loop (Qwen-Image-2.1:
+    text and reference keys/values computed at the first step and reused), or a no-op for models
+    without one. Only the sampler enters it: training forwards always recompute everything."""
+    enter = getattr(model, "condition_cache", None)
+    return enter() if enter is not None else contextlib.nullcontext()
 
 
 def pack_for_denoising(
@@ -340,7 +350,9 @@ def target_velocity(
     if neg_cond is None:
         return v
     v_neg = batch.target_tokens(model.velocity(batch, neg_cond, sigma))
-    return [flow.true_cfg(c, u, guidance) for c, u in zip(v, v_neg, strict=True)]
+    # Qwen-Image-Edit rescales the guided velocity to the conditional norm; Qwen-Image-2.1 does not.
+    rescale = getattr(model, "cfg_norm_rescale", True)
+    return [flow.true_cfg(c, u, guidance, rescale=rescale) for c, u in zip(v, v_neg, strict=True)]
 
 
 def with_targets(batch: PackedBatch, xs: Sequence[torch.Tensor]) -> PackedBatch:

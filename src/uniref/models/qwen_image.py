@@ -56,6 +56,7 @@ VL_PATCH_PIXELS = 28
 SELF_CONDITION = "self"
 _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
 _OFFLOAD = ("none", "model", "sequential")
+AUTO_DTYPE = "auto"
 
 
 class QwenImageEdit(EditModel):
@@ -239,7 +240,7 @@ def _make_processor(image_processor: Any, tokenizer: Any) -> Any:
 def load_qwen_image_edit(
     folder: str | Path,
     *,
-    dtype: str | torch.dtype = "bf16",
+    dtype: str | torch.dtype = AUTO_DTYPE,
     device: str | torch.device | None = None,
     offload: str = "none",
     condition_size: int | str = CONDITION_IMAGE_SIZE,
@@ -249,15 +250,16 @@ def load_qwen_image_edit(
     """Open a diffusers-format Qwen-Image-Edit folder; the variant (2509 or 2511) comes from the
     transformer config unless ``zero_cond_t`` forces it.
 
-    ``dtype``: ``bf16`` | ``fp32``; ``device``: ``cpu`` | ``cuda`` (default: cuda if available);
+    ``dtype``: ``auto`` (bf16 on a CUDA device that has it, else fp32) | ``bf16`` | ``fp32``;
+    ``device``: ``cpu`` | ``cuda`` (default: cuda if available);
     ``offload``: ``none`` | ``model`` (one whole model on the device at a time) | ``sequential``
     (layer by layer), both through accelerate as diffusers does.
     """
     folder = Path(folder)
-    torch_dtype = _parse_dtype(dtype)
     if offload not in _OFFLOAD:
         raise ModelError(f"offload {offload!r}: expected one of {', '.join(_OFFLOAD)}")
     exec_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch_dtype = _parse_dtype(dtype, exec_device)
     _check_folder(folder)
 
     from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
@@ -312,11 +314,16 @@ def _need_path(path: str | Path | None, flavour: str) -> Path:
     return Path(path)
 
 
-def _parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+def _parse_dtype(dtype: str | torch.dtype, device: torch.device | None = None) -> torch.dtype:
+    """A torch dtype from ``auto`` | ``bf16`` | ``fp32`` (or a torch dtype). ``auto`` is bf16 on a CUDA
+    device that supports it and fp32 elsewhere: bf16 matmuls on CPU are emulated and far slower."""
     if isinstance(dtype, torch.dtype):
         return dtype
+    if dtype == AUTO_DTYPE:
+        cuda = device is not None and device.type == "cuda"
+        return torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
     if dtype not in _DTYPES:
-        raise ModelError(f"dtype {dtype!r}: expected one of bf16, fp32")
+        raise ModelError(f"dtype {dtype!r}: expected one of auto, bf16, fp32")
     return _DTYPES[dtype]
 
 
