@@ -74,9 +74,10 @@ def codec_command(
     channels: Annotated[int, typer.Option(min=1, help="latent channels per 8×8 cell")] = 16,
     width: Annotated[int, typer.Option(min=4, help="feature width at full resolution")] = 16,
     seed: Annotated[int, typer.Option(help="data and initialisation seed")] = 0,
+    crop: Annotated[int, typer.Option(min=16, help="training crop side in pixels (a multiple of 8)")] = 32,
 ) -> None:
     """Train the tiny flavour's autoencoder on generated scenes (then frozen; see uniref.models.codec)."""
     from uniref.models.codec import CodecConfig, train_codec
 
-    _, psnr = train_codec(out, minutes, CodecConfig(channels=channels, width=width), seed=seed)
+    _, psnr = train_codec(out, minutes, CodecConfig(channels=channels, width=width), seed=seed, side=crop)
     typer.echo(f"wrote {out}: held-out reconstruction PSNR {psnr:.2f} dB")
