@@ -96,6 +96,23 @@ def test_worker_prefetch_gives_the_same_samples_as_inline(tmp_path: Path) -> Non
     assert inline.losses == ahead.losses
 
 
+def test_encoding_in_the_workers_trains_as_encoding_inline(tmp_path: Path) -> None:
+    # Stages of different budgets: the worker must find each step's stage from the sample indices.
+    inline = train_sft(_config(tmp_path / "a", "train.max_steps=8"))
+    moved = train_sft(_config(tmp_path / "b", "train.max_steps=8", "data.workers=1", "data.encode_in_workers=true"))
+    torch.testing.assert_close(torch.tensor(moved.losses), torch.tensor(inline.losses), rtol=1e-5, atol=1e-7)
+
+
+def test_step_of_an_index_inverts_the_step_batches() -> None:
+    from uniref.train.data import StepBatches
+
+    batches = StepBatches(lambda step: 4 if step < 3 else 8, 0, 10, 0, 1)
+    for step in range(10):
+        first = batches.first_index(step)
+        size = 4 if step < 3 else 8
+        assert batches.step_of(first) == step and batches.step_of(first + size - 1) == step
+
+
 def test_step_batches_split_the_global_order_across_processes() -> None:
     from uniref.train.data import StepBatches
 

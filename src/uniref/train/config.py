@@ -42,6 +42,11 @@ class DataSection(StrictModel):
     size_range: str = Field("48:160", description="generated image side range MIN:MAX (pixels)")
     seed_offset: int = Field(0, ge=0, description="first generator seed of this run's training stream")
     workers: int = Field(1, ge=0, description="processes generating/loading samples ahead of training (0: inline)")
+    encode_in_workers: bool = Field(
+        False,
+        description="workers also plan, encode (frozen codec, text) and noise each batch: for CPU runs whose "
+        "encoders are light (the tiny codec), so the trainer's cores only run the denoiser",
+    )
     cache_dir: Path | None = Field(
         None, description="cache the frozen encoders' outputs (VAE latents, text conditioning) in this folder"
     )

@@ -15,7 +15,7 @@ import bisect
 import signal
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch.utils.data
@@ -118,6 +118,14 @@ class StepBatches(torch.utils.data.Sampler[list[int]]):
     def first_index(self, step: int) -> int:
         return sum(self.batch_size_at(t) for t in range(step))
 
+    def step_of(self, index: int) -> int:
+        """The step whose samples include global ``index``."""
+        step, end = 0, self.batch_size_at(0)
+        while index >= end:
+            step += 1
+            end += self.batch_size_at(step)
+        return step
+
     def __iter__(self) -> Iterator[list[int]]:
         base = self.first_index(self.start)
         for step in range(self.start, self.stop):
@@ -140,28 +148,44 @@ class _Indexed(torch.utils.data.Dataset[tuple[int, Sample]]):
         return 1 << 62
 
 
-def _unzip(items: list[tuple[int, Sample]]) -> tuple[list[int], list[Sample]]:
-    return [i for i, _ in items], [s for _, s in items]
+class _Collate:
+    """(indices, samples, prepared): ``prepare(indices, samples)`` runs here, in the worker, when
+    given (the frozen encoders' work moved off the trainer's cores)."""
+
+    def __init__(self, prepare: Callable[[list[int], list[Sample]], Any] | None) -> None:
+        self.prepare = prepare
+
+    def __call__(self, items: list[tuple[int, Sample]]) -> tuple[list[int], list[Sample], Any]:
+        indices, samples = [i for i, _ in items], [s for _, s in items]
+        return indices, samples, self.prepare(indices, samples) if self.prepare else None
 
 
-def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
+def _init_worker(worker_id: int) -> None:
     """SIGTERM/SIGINT sent to the whole process group (``timeout``, Slurm, ``docker stop``, Ctrl-C)
     would kill a worker mid-batch, and the DataLoader then raises in the trainer before it can
-    checkpoint; the trainer stops its workers itself once it has saved."""
+    checkpoint; the trainer stops its workers itself once it has saved. One thread: the worker's
+    encoding must not compete with the trainer's threads."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.set_num_threads(1)
 
 
-def step_loader(source: SampleSource, batches: StepBatches, workers: int) -> Iterator[tuple[list[int], list[Sample]]]:
-    """(global indices, samples) for each step, generated ``workers`` processes ahead (0: inline)."""
+def step_loader(
+    source: SampleSource,
+    batches: StepBatches,
+    workers: int,
+    prepare: Callable[[list[int], list[Sample]], Any] | None = None,
+) -> Iterator[tuple[list[int], list[Sample], Any]]:
+    """(global indices, samples, prepared) for each step, generated ``workers`` processes ahead (0:
+    inline); ``prepared`` is ``prepare(indices, samples)`` computed by the worker, or None."""
     return iter(
         torch.utils.data.DataLoader(
             _Indexed(source),
             batch_sampler=batches,
             num_workers=workers,
-            collate_fn=_unzip,
+            collate_fn=_Collate(prepare),
             prefetch_factor=2 if workers else None,
             persistent_workers=False,
-            worker_init_fn=_leave_stop_signals_to_the_trainer if workers else None,
+            worker_init_fn=_init_worker if workers else None,
         )
     )

@@ -23,7 +23,8 @@ import torch
 from tqdm.auto import tqdm
 
 from uniref.errors import ConfigError
-from uniref.train.batch import flow_loss, make_batch
+from uniref.models.base import Conditioning
+from uniref.train.batch import TrainBatch, flow_loss, make_batch
 from uniref.train.cache import with_cache
 from uniref.train.config import SFTConfig
 from uniref.train.data import StepBatches, step_loader
@@ -54,8 +55,26 @@ def train_sft(config: SFTConfig, hooks: Any = None) -> RunSummary:
 
     batches = StepBatches(batch_size_at, start, total, rt.rank, rt.world)
     observer = Observer(config, rt)
-    loader = step_loader(source, batches, config.data.workers)
     encoders = with_cache(model, config.data.cache_dir, f"{config.model.name}\0{config.model.path}")
+
+    def prepare(indices: list[int], samples: list) -> tuple[TrainBatch, Conditioning]:
+        """Plan, encode, noise and pack one step's samples (here or in a data worker)."""
+        _, stage = config.stage_at(batches.step_of(indices[0]))
+        batch = make_batch(
+            encoders,
+            samples,
+            stage.budget**2,
+            (stage.target_budget or stage.budget) ** 2,
+            [noise_seed(config.run.seed, i) for i in indices],
+            config.loss.logit_mean,
+            config.loss.logit_std,
+        )
+        return batch, encoders.encode_condition(batch.instructions, batch.refs, batch.ref_sizes)
+
+    in_workers = config.data.encode_in_workers and config.data.workers > 0
+    if in_workers and model.device.type != "cpu":
+        raise ConfigError("data.encode_in_workers: data workers encode on the CPU; turn it off on a GPU")
+    loader = step_loader(source, batches, config.data.workers, prepare if in_workers else None)
 
     losses: list[float] = []
     bar = tqdm(
@@ -66,18 +85,9 @@ def train_sft(config: SFTConfig, hooks: Any = None) -> RunSummary:
         for step in bar:
             index, stage = config.stage_at(step)
             tick = time.perf_counter()
-            indices, samples = next(loader)
-            batch = make_batch(
-                encoders,
-                samples,
-                stage.budget**2,
-                (stage.target_budget or stage.budget) ** 2,
-                [noise_seed(config.run.seed, i) for i in indices],
-                config.loss.logit_mean,
-                config.loss.logit_std,
-            )
+            indices, samples, prepared = next(loader)
             with rt.accelerator.autocast():
-                cond = encoders.encode_condition(batch.instructions, batch.refs, batch.ref_sizes)
+                batch, cond = prepared or prepare(indices, samples)
                 loss, per_sample = flow_loss(model, batch, cond, config.loss.weighting)
             stats = rt.optimizer_step(loss)
             mean_loss = float(rt.mean_across(loss))
