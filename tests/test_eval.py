@@ -149,3 +149,17 @@ def test_eval_baselines_flag_adds_every_trivial_output_to_json_and_report(tmp_pa
         assert {"overall", *METRICS} <= set(scores)
         assert all(0.0 <= scores[m] <= 1.0 for m in ("overall", *METRICS))
     assert "baseline: copy_first" in (rep / "report.md").read_text()
+
+
+def test_a_long_instruction_makes_its_sheet_row_taller_instead_of_overflowing() -> None:
+    from PIL import Image
+
+    from uniref.viz import SHEET_THUMB, SheetRow, draw_sheet
+
+    img = Image.new("RGB", (32, 32), "grey")
+    short = draw_sheet([SheetRow([img], [img], "make it red"), SheetRow([img], [img], "x")])
+    long = draw_sheet(
+        [SheetRow([img], [img], "put the circle from picture 2 at the top " * 12), SheetRow([img], [img], "x")]
+    )
+    assert short.height == 2 * SHEET_THUMB + 3 * 6
+    assert long.height > short.height + SHEET_THUMB // 2

@@ -45,12 +45,16 @@ def draw_sheet(rows: Sequence[SheetRow]) -> Image.Image:
 
     img_width = max(width(refs) + SHEET_PAD * 3 + width(imgs) for refs, imgs in thumbs)
     sheet_width = img_width + SHEET_TEXT_WIDTH + SHEET_PAD
-    height = len(rows) * (SHEET_THUMB + SHEET_PAD) + SHEET_PAD
+    texts = [textwrap.wrap(row.text, SHEET_CHARS) + row.extra_lines for row in rows]
+    font = ImageFont.load_default(size=SHEET_FONT_SIZE)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    # A long instruction makes its row taller instead of running into the next row.
+    heights = [max(SHEET_THUMB, probe.multiline_textbbox((0, 0), "\n".join(t), font=font)[3]) for t in texts]
+    height = sum(h + SHEET_PAD for h in heights) + SHEET_PAD
     sheet = Image.new("RGB", (sheet_width, height), WHITE)
     draw = ImageDraw.Draw(sheet)
-    font = ImageFont.load_default(size=SHEET_FONT_SIZE)
     y = SHEET_PAD
-    for row, (refs, imgs) in zip(rows, thumbs, strict=True):
+    for (refs, imgs), lines, row_height in zip(thumbs, texts, heights, strict=True):
         x = SHEET_PAD
         for t in refs:
             sheet.paste(t, (x, y))
@@ -60,9 +64,8 @@ def draw_sheet(rows: Sequence[SheetRow]) -> Image.Image:
         for t in imgs:
             sheet.paste(t, (x, y))
             x += t.width + SHEET_PAD
-        lines = textwrap.wrap(row.text, SHEET_CHARS) + row.extra_lines
         draw.multiline_text((img_width + SHEET_PAD, y), "\n".join(lines), fill=BLACK, font=font)
-        y += SHEET_THUMB + SHEET_PAD
+        y += row_height + SHEET_PAD
     return sheet
 
 
