@@ -1,5 +1,9 @@
-"""Section 1 of ``benchmarks.bench_model``: SELF (``global``) vs ``per_image`` on a mid-size random
-``QwenImageTransformer2DModel`` with the real token geometry. Run through ``python -m benchmarks.bench_model``."""
+"""Mid-size random transformers with the real token geometry, SELF (``global``) vs ``per_image``.
+
+1. Qwen-Image-Edit (``QwenImageTransformer2DModel``): section 1 of ``benchmarks.bench_model``, run
+   through ``python -m benchmarks.bench_model``.
+2. Qwen-Image-2.1: ``benchmarks.bench_model_21``, which builds on the helpers here.
+"""
 
 from __future__ import annotations
 
@@ -66,19 +70,22 @@ GOAL_SPEEDUP = 5.0  # per_image time over SELF time at K=6, at least
 
 
 class PatchCodec(torch.nn.Module):
-    """Stand-in for ``AutoencoderKLQwenImage`` with its geometry and interface: 8x8 pixel patches
-    <-> 16 latent channels by one linear map each way. diffusers' VAE, even with 4 base channels,
-    takes seconds per 1024² image on this CPU (see the VAE note) and would hide the transformer."""
+    """Stand-in for ``AutoencoderKLQwenImage`` (or, with ``z_dim=64, scale=16``, the 2.1 VAE) with its
+    geometry and interface: scale x scale pixel patches <-> z_dim latent channels by one linear map
+    each way. diffusers' VAE, even with 4 base channels, takes seconds per 1024² image on this CPU
+    (see the VAE note) and would hide the transformer."""
 
     def __init__(self, z_dim: int = LATENT_CHANNELS, scale: int = VAE_SCALE) -> None:
         super().__init__()
         self.scale = scale
-        # Read by QwenImageEdit: z_dim, vae scale = 2 ** len(temperal_downsample), normalisation.
+        # Read by the adapters: z_dim, vae scale = 2 ** len(temperal_downsample), normalisation, and
+        # in_channels (the 2.1 VAE reads RGBA when it is 4; this one reads RGB).
         self.config = SimpleNamespace(
             z_dim=z_dim,
-            temperal_downsample=[False, True, True],
+            temperal_downsample=[False] + [True] * (scale.bit_length() - 2),
             latents_mean=[0.0] * z_dim,
             latents_std=[1.0] * z_dim,
+            in_channels=3,
         )
         self.enc = torch.nn.Linear(3 * scale * scale, z_dim)
         self.dec = torch.nn.Linear(z_dim, 3 * scale * scale)
@@ -137,12 +144,12 @@ class MidCase:
     run_forward: Callable[[], Any]
 
 
-def prepare_forward(pipe: EditPipeline, refs: list[Image.Image], mode: PlanMode) -> MidCase:
-    """Plan, encode the prompt (+ references) and build the packed SELF batch once; the timed part
-    is one ``model.velocity`` call, the denoiser call of every sampling step."""
+def forward_inputs(pipe: EditPipeline, refs: list[Image.Image], mode: PlanMode, side: int) -> tuple[Any, ...]:
+    """Plan (references under ``side``², a ``side``² target), encode the prompt (+ references) and
+    pack one SELF batch of random latents: (sequence, packed batch, conditioning)."""
     model = pipe.model
     spec = model.spec
-    ref_plan, target = pipe.plan_sizes(refs, size=TARGET, budget=BUDGET_SIDE, mode=mode)
+    ref_plan, target = pipe.plan_sizes(refs, size=Size(side, side), budget=side, mode=mode)
     cond = model.encode_condition([MID_PROMPT], [refs], [list(ref_plan.sizes)])
     g = torch.Generator().manual_seed(0)
 
@@ -150,15 +157,20 @@ def prepare_forward(pipe: EditPipeline, refs: list[Image.Image], mode: PlanMode)
         return torch.randn(spec.latent_channels, s.height // spec.vae_scale, s.width // spec.vae_scale, generator=g)
 
     seq = build_sequence(latent(target), [latent(s) for s in ref_plan.sizes], spec.patch_size, spec.centred_positions)
-    txt_len = cond.txt[0].shape[0]
-    batch = pack_sequences([seq], extra_lengths=[txt_len])
+    return seq, pack_sequences([seq], extra_lengths=[cond.txt[0].shape[0]]), cond
+
+
+def prepare_forward(pipe: EditPipeline, refs: list[Image.Image], mode: PlanMode) -> MidCase:
+    """Inputs built once; the timed part is one ``model.velocity`` call, the denoiser call of every
+    sampling step."""
+    seq, batch, cond = forward_inputs(pipe, refs, mode, BUDGET_SIDE)
     sigma = torch.tensor([FORWARD_SIGMA])
 
     @torch.no_grad()
     def run_forward() -> torch.Tensor:
-        return model.velocity(batch, cond, sigma)
+        return pipe.model.velocity(batch, cond, sigma)
 
-    return MidCase(len(refs), mode, seq.tokens.shape[0], txt_len, run_forward)
+    return MidCase(len(refs), mode, seq.tokens.shape[0], cond.txt[0].shape[0], run_forward)
 
 
 def bench_mid(settings: Settings, qwen_tiny: ModuleType) -> dict[str, Any]:

@@ -72,6 +72,7 @@ def test_edit_size_like_takes_that_references_aspect(tmp_path: Path, capsys: pyt
         (["--budget", "8"], "cannot fit"),
         (["--size-like", "4"], "--size-like 4: there are 3 references"),
         (["--size-like", "1", "--size", "64x64"], "not both"),
+        (["--dtype", "fp64"], "--dtype 'fp64': choose one of auto, fp32, bf16, fp16"),
     ],
 )
 def test_edit_bad_input_is_one_line_exit_2(
@@ -86,3 +87,24 @@ def test_edit_bad_input_is_one_line_exit_2(
 def test_edit_rejects_unknown_output_format(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run_cli(_edit_args(tmp_path / "x.unknown"), capsys)
     assert code == 2 and "unknown image format" in err
+
+
+def test_edit_dtype_defaults_to_auto_which_is_fp32_on_the_cpu(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from uniref.pipeline import EditPipeline
+
+    loaded = []
+    real = EditPipeline.from_pretrained.__func__
+
+    def spy(cls, *args, **kwargs):
+        pipe = real(cls, *args, **kwargs)
+        loaded.append((kwargs["dtype"], pipe.model.dtype))
+        return pipe
+
+    monkeypatch.setattr(EditPipeline, "from_pretrained", classmethod(spy))
+    assert run_cli(_edit_args(tmp_path / "a.png"), capsys)[0] == 0
+    assert run_cli(_edit_args(tmp_path / "b.png", "--dtype", "fp32"), capsys)[0] == 0
+    import torch
+
+    assert loaded == [("auto", torch.float32), ("fp32", torch.float32)]

@@ -49,8 +49,9 @@ def ours(tiny):
     return EditPipeline.from_pretrained(tiny[1], dtype="fp32", device="cpu")
 
 
-def _diffusers_latents(components, refs, seed: int, guidance: float, cache: bool) -> torch.Tensor:
-    pipe = qwen21_tiny.diffusers_pipeline(components)
+def _diffusers_latents(components, refs, seed: int, guidance: float, cache: bool, pipe=None) -> torch.Tensor:
+    """Final target latents of diffusers' pipeline (``pipe``, default: a new one over ``components``)."""
+    pipe = pipe or qwen21_tiny.diffusers_pipeline(components)
     out = pipe(
         prompt=PROMPT,
         image=refs,

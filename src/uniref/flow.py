@@ -16,7 +16,24 @@ from dataclasses import dataclass
 
 import torch
 
-from uniref.models.base import ScheduleSpec
+
+@dataclass(frozen=True)
+class ScheduleSpec:
+    """Sigma-schedule settings (as diffusers' ``FlowMatchEulerDiscreteScheduler`` config).
+
+    With ``dynamic_shift`` the shift depends on the target's token count: ``mu`` is linear in it
+    between (base_seq_len, base_shift) and (max_seq_len, max_shift), and sigmas are warped by
+    ``e^mu / (e^mu + (1/σ − 1))``. ``shift_terminal`` (if set) stretches the schedule so that the
+    last sigma equals it. Defaults are Qwen-Image's scheduler config.
+    """
+
+    dynamic_shift: bool = True
+    base_seq_len: int = 256
+    max_seq_len: int = 8192
+    base_shift: float = 0.5
+    max_shift: float = 0.9
+    shift: float = 1.0  # static shift, used when dynamic_shift is False
+    shift_terminal: float | None = 0.02
 
 
 def calculate_shift(image_seq_len: int, spec: ScheduleSpec) -> float:

@@ -35,7 +35,7 @@ from uniref import flow
 from uniref.budget import Plan, PlanMode, Size, parse_budget, plan, plan_target
 from uniref.images import image_size, resize, to_pil, to_tensor
 from uniref.models import load_model
-from uniref.models.base import Conditioning, EditModel
+from uniref.models.base import AUTO_DTYPE, Conditioning, EditModel, resolve_dtype
 from uniref.sequence import PackedBatch, SelfSequence, build_sequence, pack_sequences
 
 # Qwen-Image's examples use a single space as the negative prompt.
@@ -100,9 +100,17 @@ class EditPipeline:
         self.last_packing: list[list[int]] = []  # sample indices per packed row of the last call
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | Path = "tiny", **kwargs: Any) -> EditPipeline:
-        """A pipeline over ``uniref.models.load_model(name_or_path, **kwargs)``."""
+    def from_pretrained(
+        cls, name_or_path: str | Path = "tiny", *, dtype: str | torch.dtype = AUTO_DTYPE, **kwargs: Any
+    ) -> EditPipeline:
+        """A pipeline over ``uniref.models.load_model(name_or_path, **kwargs)``, in ``dtype``: ``auto``
+        (default: bf16 on a CUDA device that has it, fp32 elsewhere), a name or a torch dtype
+        (:func:`uniref.models.base.resolve_dtype`, the rule of every entry point)."""
         start = time.perf_counter()
+        if dtype != AUTO_DTYPE or kwargs.get("device") is not None:
+            kwargs["dtype"] = resolve_dtype(dtype, kwargs.get("device"))
+        # else: "auto" without a device is left to the loader, which knows where it puts the model
+        # (the tiny flavours on the CPU in fp32; the Qwen loaders resolve "auto" for their device).
         model = load_model(name_or_path, **kwargs)
         return cls(model, load_seconds=time.perf_counter() - start)
 

@@ -18,7 +18,8 @@ from uniref.cli.plan import plan_json
 from uniref.errors import BudgetError, ImageInputError, UniRefError
 from uniref.images import image_size, load_images, save_image
 
-DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+# --dtype names (uniref.models.base.resolve_dtype): "auto" is the one default of every entry point.
+DTYPES = ("auto", "fp32", "bf16", "fp16")
 
 
 def parse_size(text: str) -> Size:
@@ -53,7 +54,9 @@ def edit_command(
     budget: Annotated[str | None, typer.Option(help="reference pixel budget, 1024 = 1024²; default: native")] = None,
     mode: Annotated[PlanMode, typer.Option(help="global (SELF) or per_image (diffusers)")] = PlanMode.GLOBAL,
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
-    dtype: Annotated[str, typer.Option(help="fp32, bf16 or fp16")] = "fp32",
+    dtype: Annotated[
+        str, typer.Option(help="auto (bf16 on a CUDA GPU that has it, else fp32), fp32, bf16 or fp16")
+    ] = "auto",
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
     explain: Annotated[
@@ -62,8 +65,6 @@ def edit_command(
     ] = None,
 ) -> None:
     """Edit or compose: the instruction refers to the references as picture 1..K in --ref order."""
-    import torch
-
     from uniref.pipeline import EditPipeline
 
     if dtype not in DTYPES:
@@ -79,7 +80,7 @@ def edit_command(
     like = image_size(refs[size_like - 1]) if size_like is not None else None
     total_start = time.perf_counter()
     with warnings_to_stderr():
-        pipe = EditPipeline.from_pretrained(model, device=device, dtype=getattr(torch, DTYPES[dtype]))
+        pipe = EditPipeline.from_pretrained(model, device=device, dtype=dtype)
         recorder = getattr(pipe.model, "record_attention", None)
         if explain is not None and recorder is None:
             raise UniRefError(f"--explain: model {model} does not expose its attention (the tiny flavour does)")

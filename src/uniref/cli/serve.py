@@ -39,14 +39,14 @@ def serve_command(
     ),
     max_prompt_chars: Annotated[int, typer.Option(min=1, help="characters per instruction")] = 2000,
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
-    dtype: Annotated[str, typer.Option(help="fp32, bf16 or fp16")] = "fp32",
+    dtype: Annotated[
+        str, typer.Option(help="auto (bf16 on a CUDA GPU that has it, else fp32), fp32, bf16 or fp16")
+    ] = "auto",
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
 ) -> None:
     """Serve POST /v1/images/edits (OpenAI Images API), /v1/plan, /v1/models, /healthz, /metrics and
     the web page at /, batching concurrent requests into packed pipeline calls."""
     try:
-        import torch
-
         from uniref.pipeline import EditPipeline
         from uniref.serve import Limits, ServeConfig, create_app, serve
     except ImportError as exc:
@@ -63,7 +63,7 @@ def serve_command(
         max_prompt_chars=max_prompt_chars,
     )
     with warnings_to_stderr():
-        pipe = EditPipeline.from_pretrained(model, device=device, dtype=getattr(torch, DTYPES[dtype]))
+        pipe = EditPipeline.from_pretrained(model, device=device, dtype=dtype)
     name = Path(model).name if Path(model).is_dir() else model
     config = ServeConfig(
         model_name=name,

@@ -33,7 +33,7 @@ from PIL import Image
 from uniref.budget import QWEN_MULTIPLE, Size
 from uniref.errors import ModelError
 from uniref.images import resize
-from uniref.models.base import Conditioning, EditModel, LatentSpec, ScheduleSpec
+from uniref.models.base import AUTO_DTYPE, Conditioning, EditModel, LatentSpec, ScheduleSpec, resolve_dtype
 from uniref.sequence import PackedBatch
 
 log = logging.getLogger(__name__)
@@ -54,9 +54,7 @@ TARGET_IMAGE_SIZE = 1024 * 1024
 # UniPic-3: the VL encoder's 28-px patches (14 px x 2x2 merge) per 32-px DiT token.
 VL_PATCH_PIXELS = 28
 SELF_CONDITION = "self"
-_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
 _OFFLOAD = ("none", "model", "sequential")
-AUTO_DTYPE = "auto"
 
 
 class QwenImageEdit(EditModel):
@@ -250,7 +248,8 @@ def load_qwen_image_edit(
     """Open a diffusers-format Qwen-Image-Edit folder; the variant (2509 or 2511) comes from the
     transformer config unless ``zero_cond_t`` forces it.
 
-    ``dtype``: ``auto`` (bf16 on a CUDA device that has it, else fp32) | ``bf16`` | ``fp32``;
+    ``dtype``: ``auto`` (bf16 on a CUDA device that has it, else fp32), a name (``bf16``, ``fp32``...) or
+    a torch dtype, as :func:`uniref.models.base.resolve_dtype`;
     ``device``: ``cpu`` | ``cuda`` (default: cuda if available);
     ``offload``: ``none`` | ``model`` (one whole model on the device at a time) | ``sequential``
     (layer by layer), both through accelerate as diffusers does.
@@ -259,7 +258,7 @@ def load_qwen_image_edit(
     if offload not in _OFFLOAD:
         raise ModelError(f"offload {offload!r}: expected one of {', '.join(_OFFLOAD)}")
     exec_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    torch_dtype = _parse_dtype(dtype, exec_device)
+    torch_dtype = resolve_dtype(dtype, exec_device)
     _check_folder(folder)
 
     from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
@@ -312,19 +311,6 @@ def _need_path(path: str | Path | None, flavour: str) -> Path:
             f"{flavour}: weights cannot be downloaded here; pass the local diffusers folder (--model PATH)"
         )
     return Path(path)
-
-
-def _parse_dtype(dtype: str | torch.dtype, device: torch.device | None = None) -> torch.dtype:
-    """A torch dtype from ``auto`` | ``bf16`` | ``fp32`` (or a torch dtype). ``auto`` is bf16 on a CUDA
-    device that supports it and fp32 elsewhere: bf16 matmuls on CPU are emulated and far slower."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype == AUTO_DTYPE:
-        cuda = device is not None and device.type == "cuda"
-        return torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
-    if dtype not in _DTYPES:
-        raise ModelError(f"dtype {dtype!r}: expected one of auto, bf16, fp32")
-    return _DTYPES[dtype]
 
 
 def _check_folder(folder: Path) -> None:

@@ -46,8 +46,8 @@ from PIL import Image
 from uniref.budget import QWEN_MULTIPLE, Size
 from uniref.errors import ModelError
 from uniref.images import resize
-from uniref.models.base import Conditioning, EditModel, LatentSpec, ScheduleSpec
-from uniref.models.qwen_image import _need_path, _parse_dtype, _place, _read_schedule, _report_keys
+from uniref.models.base import AUTO_DTYPE, Conditioning, EditModel, LatentSpec, ScheduleSpec, resolve_dtype
+from uniref.models.qwen_image import _need_path, _place, _read_schedule, _report_keys
 from uniref.sequence import PackedBatch
 
 log = logging.getLogger(__name__)
@@ -351,21 +351,22 @@ def load_qwen_image_21(
     folder: str | Path | None = None,
     *,
     path: str | Path | None = None,
-    dtype: str | torch.dtype = "auto",
+    dtype: str | torch.dtype = AUTO_DTYPE,
     device: str | torch.device | None = None,
     offload: str = "none",
     kv_cache: bool = True,
 ) -> QwenImage21:
     """Open a diffusers-format Qwen-Image-2.1 folder.
 
-    ``dtype``: ``auto`` (bf16 on a CUDA device that supports it, else fp32) | ``bf16`` | ``fp32``;
+    ``dtype``: ``auto`` (bf16 on a CUDA device that supports it, else fp32), a name or a torch dtype
+    (:func:`uniref.models.base.resolve_dtype`);
     ``device``: default cuda if available; ``offload``: ``none`` | ``model`` | ``sequential`` (as
     :func:`uniref.models.qwen_image.load_qwen_image_edit`); ``kv_cache``: reuse the condition keys and
     values across sampler steps.
     """
     folder = _need_path(folder if folder is not None else path, NAME)
     exec_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    torch_dtype = _parse_dtype(dtype, exec_device)
+    torch_dtype = resolve_dtype(dtype, exec_device)
     _check_folder(folder)
 
     from diffusers import AutoencoderKLQwenImage21, QwenImage21Transformer2DModel

@@ -5,6 +5,14 @@
   the adapter config as metadata), so ``pipe.load_lora_weights(folder)`` reads it back.
 * **ComfyUI**: ``comfyui_lora.safetensors`` with keys ``diffusion_model.<module>.lora_down.weight``,
   ``.lora_up.weight`` and ``.alpha`` (the kohya/ComfyUI convention: scale = alpha / rank).
+
+Target modules (``model.lora.target_modules``, peft matching: a module whose name is, or ends with
+``.`` +, a target). The default is every attention projection of both Qwen families: the dual-stream
+Qwen-Image-Edit blocks (``to_q``/``to_k``/``to_v``/``to_out.0`` for image tokens, ``add_*_proj`` for
+text tokens) and the single-stream Qwen-Image-2.1 blocks, whose one attention over text, reference
+and target tokens is ``to_q``/``to_k``/``to_v``/``to_out.0``; targets a model lacks are skipped, and
+a list of which none matches is a :class:`~uniref.errors.ConfigError`. The 2.1 diffusers pipeline
+loads LoRA through the same ``QwenImageLoraLoaderMixin``, so one export serves both families.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from uniref.errors import ConfigError
 from uniref.images import atomic_path
 from uniref.train.config import LoraSection
 
@@ -26,6 +35,13 @@ def inject_lora(net: nn.Module, section: LoraSection) -> nn.Module:
     """Freeze ``net`` and add trainable LoRA adapters to the modules named in ``section``."""
     from peft import LoraConfig, inject_adapter_in_model
 
+    names = [name for name, _ in net.named_modules()]
+    if not any(_matches(name, target) for name in names for target in section.target_modules):
+        layers = sorted({n.rsplit(".", 1)[-1] for n, m in net.named_modules() if isinstance(m, nn.Linear)})
+        raise ConfigError(
+            f"model.lora.target_modules: none of {list(section.target_modules)} is a module of "
+            f"{type(net).__name__}; its linear layers end in {', '.join(layers)}"
+        )
     net.requires_grad_(False)
     config = LoraConfig(
         r=section.rank,
@@ -35,6 +51,11 @@ def inject_lora(net: nn.Module, section: LoraSection) -> nn.Module:
         init_lora_weights=True,
     )
     return inject_adapter_in_model(config, net)
+
+
+def _matches(name: str, target: str) -> bool:
+    """peft's rule for a string target: the whole module name, or its dotted suffix."""
+    return name == target or name.endswith("." + target)
 
 
 def lora_state_dict(net: nn.Module) -> dict[str, torch.Tensor]:
