@@ -57,7 +57,62 @@ SELF_CONDITION = "self"
 _OFFLOAD = ("none", "model", "sequential")
 
 
-class QwenImageEdit(EditModel):
+class DiffusersAdapter(EditModel):
+    """What the diffusers-backed flavours share: the transformer is the denoiser, and VAE latents are
+    normalised by the VAE config's ``latents_mean`` / ``latents_std`` (as diffusers' pipelines do)."""
+
+    transformer: Any
+    vae: Any
+    _device: torch.device | None
+
+    def _init_vae_stats(self, vae: Any) -> None:
+        z_dim = vae.config.z_dim
+        self._latents_mean = torch.tensor(vae.config.latents_mean, dtype=torch.float32).view(z_dim, 1, 1)
+        self._latents_std = torch.tensor(vae.config.latents_std, dtype=torch.float32).view(z_dim, 1, 1)
+
+    @property
+    def device(self) -> torch.device:
+        if self._device is not None:
+            return self._device
+        return next(self.transformer.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.transformer.parameters()).dtype
+
+    def denoiser(self) -> torch.nn.Module:
+        return self.transformer
+
+    def set_denoiser(self, module: torch.nn.Module) -> None:
+        self.transformer = module
+
+    @torch.no_grad()
+    def encode_images(self, images: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        latents = []
+        for img in images:
+            x = img.to(self.device, self.vae.dtype)
+            if getattr(self.vae.config, "in_channels", 3) == 4:  # the 2.1 VAE reads RGBA: ours are opaque
+                x = torch.cat([x, torch.ones_like(x[:1])])
+            lat = self.vae.encode(x[None, :, None]).latent_dist.mode()[0, :, 0]  # (C, h, w), argmax as diffusers
+            mean, std = self._stats(lat)
+            latents.append(((lat - mean) / std).to(self.dtype))
+        return latents
+
+    @torch.no_grad()
+    def decode_latents(self, latents: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        images = []
+        for lat in latents:
+            lat = lat.to(self.device, self.vae.dtype)
+            mean, std = self._stats(lat)
+            out = self.vae.decode((lat * std + mean)[None, :, None], return_dict=False)[0][0, :, 0].float()
+            images.append(out[:3])  # (3, H, W); an alpha channel, if decoded, is dropped
+        return images
+
+    def _stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._latents_mean.to(like.device, like.dtype), self._latents_std.to(like.device, like.dtype)
+
+
+class QwenImageEdit(DiffusersAdapter):
     """Qwen-Image-Edit adapter (see the module docstring)."""
 
     def __init__(
@@ -82,11 +137,9 @@ class QwenImageEdit(EditModel):
         self.zero_cond_t = bool(getattr(transformer.config, "zero_cond_t", False))
         self.name = name or ("qwen-image-edit-2511" if self.zero_cond_t else "qwen-image-edit-2509")
         self._device = execution_device
-        z_dim = vae.config.z_dim
-        self._latents_mean = torch.tensor(vae.config.latents_mean, dtype=torch.float32).view(z_dim, 1, 1)
-        self._latents_std = torch.tensor(vae.config.latents_std, dtype=torch.float32).view(z_dim, 1, 1)
+        self._init_vae_stats(vae)
         self.spec = LatentSpec(
-            latent_channels=z_dim,
+            latent_channels=vae.config.z_dim,
             vae_scale=2 ** len(vae.config.temperal_downsample),  # as diffusers' vae_scale_factor
             patch_size=transformer.config.patch_size,
             plan_multiple=QWEN_MULTIPLE,
@@ -97,22 +150,6 @@ class QwenImageEdit(EditModel):
         )
 
     # --- protocol -----------------------------------------------------------------------------
-
-    @property
-    def device(self) -> torch.device:
-        if self._device is not None:
-            return self._device
-        return next(self.transformer.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.transformer.parameters()).dtype
-
-    def denoiser(self) -> torch.nn.Module:
-        return self.transformer
-
-    def set_denoiser(self, module: torch.nn.Module) -> None:
-        self.transformer = module
 
     @torch.no_grad()
     def encode_condition(
@@ -158,26 +195,6 @@ class QwenImageEdit(EditModel):
             max(QWEN_MULTIPLE, round(width / aspect / QWEN_MULTIPLE) * QWEN_MULTIPLE),
         )
 
-    @torch.no_grad()
-    def encode_images(self, images: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        latents = []
-        for img in images:
-            x = img.to(self.device, self.vae.dtype)[None, :, None]  # (1, 3, 1, H, W): one video frame
-            lat = self.vae.encode(x).latent_dist.mode()[0, :, 0]  # (C, h, w), argmax as diffusers
-            mean, std = self._stats(lat)
-            latents.append(((lat - mean) / std).to(self.dtype))
-        return latents
-
-    @torch.no_grad()
-    def decode_latents(self, latents: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        images = []
-        for lat in latents:
-            lat = lat.to(self.device, self.vae.dtype)
-            mean, std = self._stats(lat)
-            x = (lat * std + mean)[None, :, None]  # (1, C, 1, h, w)
-            images.append(self.vae.decode(x, return_dict=False)[0][0, :, 0].float())  # (3, H, W)
-        return images
-
     def velocity(self, batch: PackedBatch, cond: Conditioning, sigma: torch.Tensor) -> torch.Tensor:
         tokens = batch.tokens.unpack()  # per sample (L_i, D)
         groups: dict[tuple[tuple[int, int], ...], list[int]] = {}
@@ -215,9 +232,6 @@ class QwenImageEdit(EditModel):
             img_shapes=[img_shapes] * hidden.shape[0],
             return_dict=False,
         )[0]
-
-    def _stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._latents_mean.to(like.device, like.dtype), self._latents_std.to(like.device, like.dtype)
 
 
 def _make_processor(image_processor: Any, tokenizer: Any) -> Any:

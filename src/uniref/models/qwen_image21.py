@@ -46,8 +46,8 @@ from PIL import Image
 from uniref.budget import QWEN_MULTIPLE, Size
 from uniref.errors import ModelError
 from uniref.images import resize
-from uniref.models.base import AUTO_DTYPE, Conditioning, EditModel, LatentSpec, ScheduleSpec, resolve_dtype
-from uniref.models.qwen_image import _need_path, _place, _read_schedule, _report_keys
+from uniref.models.base import AUTO_DTYPE, Conditioning, LatentSpec, ScheduleSpec, resolve_dtype
+from uniref.models.qwen_image import DiffusersAdapter, _need_path, _place, _read_schedule, _report_keys
 from uniref.sequence import PackedBatch
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ DEFAULT_STEPS = 40
 DEFAULT_GUIDANCE = 1.0
 
 
-class QwenImage21(EditModel):
+class QwenImage21(DiffusersAdapter):
     """Qwen-Image-2.1 adapter (see the module docstring)."""
 
     name = NAME
@@ -102,14 +102,12 @@ class QwenImage21(EditModel):
         config = transformer.config
         self._causal = bool(config.causal_condition)
         self._num_blocks = int(config.num_layers)
-        z_dim = vae.config.z_dim
-        self._latents_mean = torch.tensor(vae.config.latents_mean, dtype=torch.float32).view(z_dim, 1, 1)
-        self._latents_std = torch.tensor(vae.config.latents_std, dtype=torch.float32).view(z_dim, 1, 1)
+        self._init_vae_stats(vae)
         self._image_token_id = self.processor.tokenizer.convert_tokens_to_ids(IMAGE_PAD)
         self._drop = _system_token_count(self.processor)
         self._caches: dict[tuple[int, ...], _GroupCache] | None = None  # set inside condition_cache()
         self.spec = LatentSpec(
-            latent_channels=z_dim,
+            latent_channels=vae.config.z_dim,
             vae_scale=VAE_SCALE,
             patch_size=config.patch_size,
             plan_multiple=QWEN_MULTIPLE,  # one merged VL slot: 2 latent cells of 16 px
@@ -120,22 +118,6 @@ class QwenImage21(EditModel):
         )
 
     # --- protocol -----------------------------------------------------------------------------
-
-    @property
-    def device(self) -> torch.device:
-        if self._device is not None:
-            return self._device
-        return next(self.transformer.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.transformer.parameters()).dtype
-
-    def denoiser(self) -> torch.nn.Module:
-        return self.transformer
-
-    def set_denoiser(self, module: torch.nn.Module) -> None:
-        self.transformer = module
 
     @torch.no_grad()
     def encode_condition(
@@ -167,28 +149,6 @@ class QwenImage21(EditModel):
             states = hidden[0][real][self._drop :]  # (L_txt, D_txt)
             txt.append(torch.cat([states, slots[:, None].to(states.dtype)], dim=1).to(self.dtype))
         return Conditioning(txt)
-
-    @torch.no_grad()
-    def encode_images(self, images: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        latents = []
-        for img in images:
-            x = img.to(self.device, self.vae.dtype)
-            if self.vae.config.in_channels == 4:  # the 2.1 VAE reads RGBA: our references are opaque
-                x = torch.cat([x, torch.ones_like(x[:1])])
-            lat = self.vae.encode(x[None, :, None]).latent_dist.mode()[0, :, 0]  # (C, h, w), argmax as diffusers
-            mean, std = self._stats(lat)
-            latents.append(((lat - mean) / std).to(self.dtype))
-        return latents
-
-    @torch.no_grad()
-    def decode_latents(self, latents: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        images = []
-        for lat in latents:
-            lat = lat.to(self.device, self.vae.dtype)
-            mean, std = self._stats(lat)
-            out = self.vae.decode((lat * std + mean)[None, :, None], return_dict=False)[0][0, :, 0].float()
-            images.append(out[:3])  # (3, H, W); an alpha channel, if decoded, is dropped
-        return images
 
     def velocity(self, batch: PackedBatch, cond: Conditioning, sigma: torch.Tensor) -> torch.Tensor:
         tokens = batch.tokens.unpack()  # per sample (L_i, D): [target | ref 1 .. ref K]
@@ -297,9 +257,6 @@ class QwenImage21(EditModel):
                     f"{NAME}: reference {i + 1} at {s.width}x{s.height} gave {got} vision slots, expected {want}; "
                     f"the processor's patch_size x merge_size must be {VAE_SCALE * 2} px"
                 )
-
-    def _stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._latents_mean.to(like.device, like.dtype), self._latents_std.to(like.device, like.dtype)
 
 
 @dataclass
