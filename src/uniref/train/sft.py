@@ -14,8 +14,10 @@ checkpoints hold the full state and a rerun into the same folder resumes exactly
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,8 +59,11 @@ def train_sft(config: SFTConfig, hooks: Any = None) -> RunSummary:
     observer = Observer(config, rt)
     encoders = with_cache(model, config.data.cache_dir, f"{config.model.name}\0{config.model.path}")
 
-    def prepare(indices: list[int], samples: list) -> tuple[TrainBatch, Conditioning]:
-        """Plan, encode, noise and pack one step's samples (here or in a data worker)."""
+    def prepare(
+        indices: list[int], samples: list, autocast: Callable[[], Any] = contextlib.nullcontext
+    ) -> tuple[TrainBatch, Conditioning]:
+        """Plan, encode, noise and pack one step's samples (here or in a data worker); the VAE runs
+        outside autocast, the text encoder inside it."""
         _, stage = config.stage_at(batches.step_of(indices[0]))
         batch = make_batch(
             encoders,
@@ -69,7 +74,8 @@ def train_sft(config: SFTConfig, hooks: Any = None) -> RunSummary:
             config.loss.logit_mean,
             config.loss.logit_std,
         )
-        return batch, encoders.encode_condition(batch.instructions, batch.refs, batch.ref_sizes)
+        with autocast():
+            return batch, encoders.encode_condition(batch.instructions, batch.refs, batch.ref_sizes)
 
     in_workers = config.data.encode_in_workers and config.data.workers > 0
     if in_workers and model.device.type != "cpu":
@@ -86,8 +92,8 @@ def train_sft(config: SFTConfig, hooks: Any = None) -> RunSummary:
             index, stage = config.stage_at(step)
             tick = time.perf_counter()
             indices, samples, prepared = next(loader)
+            batch, cond = prepared or prepare(indices, samples, rt.accelerator.autocast)
             with rt.accelerator.autocast():
-                batch, cond = prepared or prepare(indices, samples)
                 loss, per_sample = flow_loss(model, batch, cond, config.loss.weighting)
             stats = rt.optimizer_step(loss)
             mean_loss = float(rt.mean_across(loss))
