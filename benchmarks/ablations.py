@@ -132,7 +132,12 @@ def export_arm(name: str, replicate: int = 0) -> Path:
 
 
 def metrics_rows(name: str, replicate: int = 0) -> list[dict]:
-    path = arm_run(name, replicate) / "metrics.jsonl"
+    return read_metrics(arm_run(name, replicate))
+
+
+def read_metrics(run: Path) -> list[dict]:
+    """The logged rows of a run folder's metrics.jsonl."""
+    path = run / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from benchmarks._report import markdown_table
-from benchmarks.ablations import FIGURES, ROOT, eval_model, sample_grid, train_hours, write
+from benchmarks.ablations import FIGURES, ROOT, eval_model, read_metrics, sample_grid, train_hours, write
 from uniref.config import read_yaml
 from uniref.data import SizeRange, TaskConfig, parse_tasks
 from uniref.data.splits import split_samples
@@ -65,15 +65,11 @@ def train_probe(name: str, minutes: float, threads: int) -> None:
         except subprocess.TimeoutExpired:
             proc.send_signal(signal.SIGTERM)
             proc.wait()
-    steps = max((r["step"] for r in metrics_rows_at(run) if "loss" in r), default=0)
+    logged = read_metrics(run) if (run / "metrics.jsonl").exists() else []
+    steps = max((r["step"] for r in logged if "loss" in r), default=0)
     if proc.returncode not in (0, -signal.SIGTERM) or not steps:
         raise SystemExit(f"probe {name} failed (exit {proc.returncode}); see {run.parent / f'{name}.log'}")
     (run / MARKER).write_text(json.dumps({"minutes": minutes, "steps": steps}))
-
-
-def metrics_rows_at(run: Path) -> list[dict]:
-    path = run / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
 def checkpoint_steps(name: str) -> list[int]:
@@ -126,7 +122,7 @@ def run(args: argparse.Namespace) -> None:
     for name in names:
         report, _ = eval_model(export_probe(name, evaluated), samples)
         reports[ARMS[name]] = report
-        history = metrics_rows_at(arm_run(name))
+        history = read_metrics(arm_run(name))
         steps = json.loads((arm_run(name) / MARKER).read_text())["steps"]
         hours = train_hours(history)
         rate = f"{steps / max(hours * 3600, 1e-9):.2f}"

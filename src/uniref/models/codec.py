@@ -17,6 +17,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -97,16 +98,20 @@ def save_codec(codec: Codec, folder: str | Path) -> Path:
     return folder
 
 
+def codec_from_state(config: dict[str, Any], state: dict[str, torch.Tensor]) -> Codec:
+    """A frozen codec from its config (``codec.json``'s object) and weights; raises TypeError,
+    KeyError or RuntimeError when they do not fit (callers name the file)."""
+    codec = Codec(CodecConfig(**config))
+    codec.load_state_dict({k: v.float() for k, v in state.items()})
+    return codec.eval().requires_grad_(False)
+
+
 def load_codec(folder: str | Path) -> Codec:
     folder = Path(folder)
     try:
-        config = CodecConfig(**json.loads((folder / CODEC_CONFIG).read_text()))
-        state = load_file(str(folder / CODEC_WEIGHTS))
-        codec = Codec(config)
-        codec.load_state_dict(state)
+        return codec_from_state(json.loads((folder / CODEC_CONFIG).read_text()), load_file(str(folder / CODEC_WEIGHTS)))
     except (OSError, KeyError, TypeError, ValueError, RuntimeError) as exc:
         raise ModelError(f"{folder}: not a readable UniRef codec ({exc})") from None
-    return codec.eval().requires_grad_(False)
 
 
 def codec_folder(name: str) -> Path:

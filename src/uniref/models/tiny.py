@@ -40,7 +40,7 @@ from uniref.errors import ModelError
 from uniref.explain import AttentionLog
 from uniref.images import atomic_path, image_size, resize, to_tensor
 from uniref.models.base import Conditioning, EditModel, LatentSpec, ScheduleSpec
-from uniref.models.codec import Codec, CodecConfig, codec_folder, load_codec
+from uniref.models.codec import Codec, codec_folder, codec_from_state, load_codec
 from uniref.sequence import (
     PAD,
     REFERENCE,
@@ -658,12 +658,10 @@ def load_tiny_folder(folder: str | Path, device: str = "cpu", dtype: torch.dtype
     codec = None
     if config.codec:
         try:
-            codec = Codec(CodecConfig(**meta["codec"]))
-            prefixed = {k: v for k, v in state.items() if k.startswith(CODEC_PREFIX)}
-            codec.load_state_dict({k.removeprefix(CODEC_PREFIX): v.float() for k, v in prefixed.items()})
+            bundled = {k.removeprefix(CODEC_PREFIX): v for k, v in state.items() if k.startswith(CODEC_PREFIX)}
+            codec = codec_from_state(meta["codec"], bundled)
         except (KeyError, TypeError, RuntimeError) as exc:
             raise ModelError(f"{folder}: the bundled codec does not load ({exc})") from None
-        codec.eval().requires_grad_(False)
         state = {k: v for k, v in state.items() if not k.startswith(CODEC_PREFIX)}
     # Shipped weights may be stored in float16; compute happens in float32 (or the requested dtype).
     missing, unexpected = net.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
