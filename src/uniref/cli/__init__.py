@@ -31,7 +31,7 @@ def _root() -> None:
 
 def _register() -> None:
     # Each command module adds its commands to `app`; imported here so `uniref --help` lists them all.
-    from uniref.cli import data, edit, eval, plan, serve, train  # noqa: F401
+    from uniref.cli import bench, data, edit, eval, plan, serve, train  # noqa: F401
 
 
 @contextlib.contextmanager

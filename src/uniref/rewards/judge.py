@@ -141,8 +141,9 @@ def _from_json(obj: dict[str, Any], count: int) -> list[float | None] | None:
             return [_as_score(keyed.get(i + 1)) for i in range(count)] if len(keyed) == len(v) == count else [None]
         values = v if isinstance(v, list) else [v]
         return [_as_score(s) for s in values]
-    if "score" in lowered:
-        return [_as_score(lowered["score"])]
+    if "score" in lowered:  # VIEScore and OmniContext answer {"score": [a, b]} for several scores
+        v = lowered["score"]
+        return [_as_score(s) for s in v] if isinstance(v, list) else [_as_score(v)]
     return None
 
 
@@ -162,12 +163,12 @@ def _from_text(text: str, count: int) -> list[float | None] | None:
     return None
 
 
-def parse_judge_scores(text: str, count: int = 1) -> list[float] | None:
-    """``count`` scores on 0..10 from a judge's answer, or None if the answer does not give exactly that.
+def parse_judge_scores(text: str, count: int = 1, low: float = 0.0, high: float = MAX_SCORE) -> list[float] | None:
+    """``count`` scores in [low, high] (default 0..10) from a judge's answer, or None if it does not give that.
 
     JSON first (the last object with a ``score``/``scores`` key decides, even if its values are invalid:
     a bad JSON verdict is not rescued by a number found elsewhere), then the regex fallback. Any score that
-    is missing, non-numeric, outside [0, 10] or not finite makes the whole answer a failure — never a 0.
+    is missing, non-numeric, outside [low, high] or not finite makes the whole answer a failure — never a 0.
     """
     text = _THINK.sub("", text)
     scores: list[float | None] | None = None
@@ -178,12 +179,22 @@ def parse_judge_scores(text: str, count: int = 1) -> list[float] | None:
         scores = _from_text(text, count)
     if scores is None or len(scores) != count:
         return None
-    if any(s is None or not math.isfinite(s) or not 0.0 <= s <= MAX_SCORE for s in scores):
+    if any(s is None or not math.isfinite(s) or not low <= s <= high for s in scores):
         return None
     return [float(s) for s in scores]  # type: ignore[arg-type]
 
 
-def _image_part(img: Image.Image, max_side: int | None) -> dict[str, Any]:
+def judge_reason(text: str) -> str:
+    """The judge's stated reason: a ``reason``/``reasoning`` field of its JSON answer, else its text."""
+    text = _THINK.sub("", text)
+    for obj in reversed(_json_objects(text)):
+        for key, value in obj.items():
+            if str(key).lower() in ("reason", "reasoning", "explanation") and isinstance(value, str):
+                return value.strip()
+    return text.strip()
+
+
+def image_part(img: Image.Image, max_side: int | None) -> dict[str, Any]:
     if max_side is not None and max(img.size) > max_side:
         scale = max_side / max(img.size)
         img = img.resize(
@@ -197,8 +208,8 @@ def judge_messages(axis: str, sample: Sample, output: Image.Image, max_side: int
     content: list[dict[str, Any]] = []
     if axis != QUALITY:
         for i, ref in enumerate(sample.refs):
-            content += [{"type": "text", "text": f"Picture {i + 1}:"}, _image_part(ref, max_side)]
-    content += [{"type": "text", "text": "Output:"}, _image_part(output, max_side)]
+            content += [{"type": "text", "text": f"Picture {i + 1}:"}, image_part(ref, max_side)]
+    content += [{"type": "text", "text": "Output:"}, image_part(output, max_side)]
     prompt = {INTEGRATION: INTEGRATION_PROMPT, CONSISTENCY: CONSISTENCY_PROMPT, QUALITY: QUALITY_PROMPT}[axis]
     content.append({"type": "text", "text": prompt.format(k=sample.k, instruction=sample.instruction)})
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": content}]
@@ -233,24 +244,36 @@ class VLMJudge:
         key = os.environ.get(self.config.api_key_env)
         return {"Authorization": f"Bearer {key}"} if key else {}
 
-    def ask(self, axis: str, sample: Sample, output: Image.Image) -> list[float] | None:
-        """Raw 0-10 scores of one axis (K for consistency, else 1), or None after the retries failed."""
-        count = sample.k if axis == CONSISTENCY else 1
+    def chat(
+        self, messages: list[dict[str, Any]], count: int, what: str, low: float = 0.0, high: float = MAX_SCORE
+    ) -> tuple[list[float] | None, str]:
+        """``count`` scores in [low, high] from one chat-completions call (retried, see the module doc) and the
+        judge's last answer text; scores None after the retries failed. The one client every judged score
+        uses: the MSGRPO reward's axes here, the benchmarks' rubrics in :mod:`uniref.bench`."""
         body = {
             "model": self.config.model,
-            "messages": judge_messages(axis, sample, output, self.config.max_image_side),
+            "messages": messages,
             "max_tokens": self.config.max_tokens,
             "temperature": self.config.temperature,
         }
+        last = [""]
 
         def call() -> list[float]:
             text = completion_text(post_json(self.client, self.url, body, self._headers()))
-            scores = parse_judge_scores(text, count)
+            last[0] = text
+            scores = parse_judge_scores(text, count, low, high)
             if scores is None:  # a resample may follow the format; temperature 0 servers still vary across batches
-                raise RetryableError(f"unparsable {axis} answer (want {count} scores in 0-10): {text[:200]!r}")
+                want = f"{count} scores in {low:g}-{high:g}"
+                raise RetryableError(f"unparsable {what} answer (want {want}): {text[:200]!r}")
             return scores
 
-        return call_with_retries(call, self.config.retry, self.stats, f"judge {axis} call to {self.url}")
+        return call_with_retries(call, self.config.retry, self.stats, f"judge {what} call to {self.url}"), last[0]
+
+    def ask(self, axis: str, sample: Sample, output: Image.Image) -> list[float] | None:
+        """Raw 0-10 scores of one axis (K for consistency, else 1), or None after the retries failed."""
+        count = sample.k if axis == CONSISTENCY else 1
+        messages = judge_messages(axis, sample, output, self.config.max_image_side)
+        return self.chat(messages, count, axis)[0]
 
     def _combine(self, answers: dict[str, list[float] | None]) -> ScoreDict | None:
         """One sample's source dict from its axes' raw scores; None if any axis failed."""
