@@ -337,3 +337,51 @@ def test_bench_cli_bad_input_is_one_line_exit_2(tmp_path, capsys):
         ["bench", "imgedit", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "o")], capsys
     )
     assert code == 2 and "not a benchmark" in err
+
+
+def _omni_as(layout: str, tmp_path: Path) -> Path:
+    """The OmniContext fixture as save_to_disk, parquet, or JSONL + image files (plus one broken line)."""
+    import datasets
+
+    saved = write_omnicontext(tmp_path / "saved")
+    if layout == "save_to_disk":
+        return saved
+    dataset = datasets.load_from_disk(str(saved))
+    if layout == "parquet":
+        (tmp_path / "pq" / "data").mkdir(parents=True)
+        dataset.to_parquet(str(tmp_path / "pq" / "data" / "train-00000.parquet"))
+        return tmp_path / "pq"
+    folder = tmp_path / "repo"
+    lines = []
+    for row in dataset:
+        paths = []
+        for i, image in enumerate(row["input_images"]):
+            (folder / "images").mkdir(parents=True, exist_ok=True)
+            image.save(folder / "images" / f"{row['key']}_{i}.png")
+            paths.append(f"images/{row['key']}_{i}.png")
+        lines.append(json.dumps({**row, "input_images": paths}))
+    lines.append('{"key": "broken", ')
+    (folder / "omnicontext.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+@pytest.mark.parametrize("layout", ["save_to_disk", "parquet", "jsonl"])
+def test_one_benchmark_reads_the_same_from_every_layout(tmp_path, layout):
+    from uniref.bench.run import get_suite
+    from uniref.data.formats import LoadReport
+
+    report = LoadReport()
+    items = get_suite("omnicontext").load(_omni_as(layout, tmp_path), report)
+    assert [(it.key, it.task_type, it.language, it.k) for it in items] == [
+        ("o1", "single_object", "en", 1),
+        ("o2", "single_object", "en", 1),
+        ("o3", "scene_object", "en", 2),
+        ("o4", "scene_object", "cn", 2),
+    ]
+    assert items[2].images[1].size == (48, 32)
+    problems = [str(p) for p in report.problems]
+    assert problems == (
+        ["row 5: omnicontext.jsonl: not JSON (Expecting property name enclosed in double quotes)"]
+        if layout == "jsonl"
+        else []
+    )
