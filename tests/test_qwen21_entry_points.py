@@ -62,3 +62,28 @@ def test_from_pretrained_defaults_to_auto_for_tiny_and_qwen_image_21_folders(tmp
 def test_serve_dtype_is_checked_before_loading_with_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run_cli(["serve", "--model", "tiny-random", "--dtype", "fp64"], capsys)
     assert code == 2 and err.count("\n") == 1 and "--dtype 'fp64': choose one of auto, fp32, bf16, fp16" in err
+
+
+@pytest.mark.parametrize(("cuda", "bf16", "expected"), [(False, False, torch.float32), (True, True, torch.bfloat16)])
+def test_train_config_dtype_defaults_to_auto_and_follows_the_one_rule(
+    monkeypatch: pytest.MonkeyPatch, cuda: bool, bf16: bool, expected: torch.dtype
+) -> None:
+    from uniref.train.config import ModelSection
+    from uniref.train.runtime import build_model
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: bf16)
+    section = ModelSection(name="tiny-random", tiny={"width": 32, "depth": 1, "heads": 2})
+    assert section.dtype == "auto"
+    moved: list[torch.dtype | None] = []  # no GPU here: record the dtype the denoiser is moved to instead
+    monkeypatch.setattr(torch.nn.Module, "to", lambda self, *a, **kw: moved.append(kw.get("dtype")) or self)
+    build_model(section, torch.device("cuda" if cuda else "cpu"))
+    assert moved[-1] == expected
+
+
+def test_device_defaults_to_auto_and_a_bad_device_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    from uniref.cli.edit import device_kwargs
+
+    assert device_kwargs("auto") == {} and device_kwargs("cuda:1") == {"device": "cuda:1"}
+    code, _, err = run_cli(["serve", "--model", "tiny-random", "--device", "gpu0"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "--device 'gpu0': choose auto, cpu, cuda, cuda:N or mps" in err

@@ -20,6 +20,15 @@ from uniref.images import image_size, load_images, save_image
 
 # --dtype names (uniref.models.base.resolve_dtype): "auto" is the one default of every entry point.
 DTYPES = ("auto", "fp32", "bf16", "fp16")
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
+
+
+def device_kwargs(device: str) -> dict[str, str]:
+    """``--device``: ``auto`` (the default) leaves the choice to the loader (the Qwen flavours go to CUDA when
+    there is one, the tiny ones stay on the CPU); anything else is passed on. Checked before any loading."""
+    if not _DEVICE.fullmatch(device):
+        raise UniRefError(f"--device {device!r}: choose auto, cpu, cuda, cuda:N or mps")
+    return {} if device == "auto" else {"device": device}
 
 
 def parse_size(text: str) -> Size:
@@ -53,7 +62,7 @@ def edit_command(
     seed: Annotated[int, typer.Option(help="noise seed")] = 0,
     budget: Annotated[str | None, typer.Option(help="reference pixel budget, 1024 = 1024²; default: native")] = None,
     mode: Annotated[PlanMode, typer.Option(help="global (SELF) or per_image (diffusers)")] = PlanMode.GLOBAL,
-    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    device: Annotated[str, typer.Option(help="auto (CUDA when there is one), cpu, cuda, cuda:N")] = "auto",
     dtype: Annotated[
         str, typer.Option(help="auto (bf16 on a CUDA GPU that has it, else fp32), fp32, bf16 or fp16")
     ] = "auto",
@@ -69,6 +78,7 @@ def edit_command(
 
     if dtype not in DTYPES:
         raise UniRefError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    placement = device_kwargs(device)
     if mode is PlanMode.GLOBAL_ROUND:
         raise BudgetError("--mode global_round only plans; edit with global or per_image")
     target = parse_size(size) if size else None
@@ -80,7 +90,7 @@ def edit_command(
     like = image_size(refs[size_like - 1]) if size_like is not None else None
     total_start = time.perf_counter()
     with warnings_to_stderr():
-        pipe = EditPipeline.from_pretrained(model, device=device, dtype=dtype)
+        pipe = EditPipeline.from_pretrained(model, dtype=dtype, **placement)
         recorder = getattr(pipe.model, "record_attention", None)
         if explain is not None and recorder is None:
             raise UniRefError(f"--explain: model {model} does not expose its attention (the tiny flavour does)")

@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from uniref.cli import app, warnings_to_stderr
-from uniref.cli.edit import DTYPES
+from uniref.cli.edit import DTYPES, device_kwargs
 from uniref.errors import UniRefError
 
 LOCALHOST = "127.0.0.1"
@@ -38,7 +38,7 @@ def serve_command(
         40_000_000
     ),
     max_prompt_chars: Annotated[int, typer.Option(min=1, help="characters per instruction")] = 2000,
-    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    device: Annotated[str, typer.Option(help="auto (CUDA when there is one), cpu, cuda, cuda:N")] = "auto",
     dtype: Annotated[
         str, typer.Option(help="auto (bf16 on a CUDA GPU that has it, else fp32), fp32, bf16 or fp16")
     ] = "auto",
@@ -54,6 +54,7 @@ def serve_command(
 
     if dtype not in DTYPES:
         raise UniRefError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    placement = device_kwargs(device)
     mib = 1024 * 1024
     limits = Limits(
         max_refs=max_refs,
@@ -63,7 +64,7 @@ def serve_command(
         max_prompt_chars=max_prompt_chars,
     )
     with warnings_to_stderr():
-        pipe = EditPipeline.from_pretrained(model, device=device, dtype=dtype)
+        pipe = EditPipeline.from_pretrained(model, dtype=dtype, **placement)
     name = Path(model).name if Path(model).is_dir() else model
     config = ServeConfig(
         model_name=name,

@@ -27,7 +27,11 @@ class ModelSection(StrictModel):
     path: Path | None = Field(None, description="weights folder for a Qwen flavour")
     init_from: Path | None = Field(None, description="start from this checkpoint's weights (not its state)")
     tiny: dict[str, Any] = Field(default_factory=dict, description="TinyConfig overrides for tiny-random")
-    dtype: Literal["fp32", "bf16"] = Field("fp32", description="weights dtype; bf16 autocast on CUDA either way")
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description="weights dtype: auto = bf16 on a GPU that has it, fp32 on CPU (the rule of every entry point); "
+        "bf16 autocast on CUDA either way",
+    )
     gradient_checkpointing: bool = False
     lora: LoraSection = Field(default_factory=LoraSection)
 

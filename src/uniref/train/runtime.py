@@ -21,6 +21,7 @@ from torch import nn
 from uniref.config import save_config
 from uniref.errors import ConfigError
 from uniref.models import EditModel, load_model
+from uniref.models.base import resolve_dtype
 from uniref.train.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from uniref.train.config import ModelSection
 from uniref.train.data import SampleSource, build_staged_source
@@ -39,7 +40,7 @@ def start_run(config: Any) -> tuple[EditModel, SampleSource]:
 
 def build_model(section: ModelSection, device: torch.device) -> EditModel:
     """Load the configured model, optionally start from a checkpoint's weights, add LoRA."""
-    dtype = torch.bfloat16 if section.dtype == "bf16" else torch.float32
+    dtype = resolve_dtype(section.dtype, device)
     kwargs: dict[str, Any] = {"device": str(device), "dtype": dtype}
     if section.name in ("tiny-random",) and section.tiny:
         from uniref.models.tiny import TinyConfig, build_tiny
