@@ -281,7 +281,7 @@ def mid21_section(settings: Settings21, res: dict[str, Any]) -> str:
     e2e_header += [f"projected {steps} steps, {m}: off / on (s)" for m in (g, p)]
     e2e_header += ["projected per_image without cache (diffusers' way) / SELF with cache"]
     cfg = dict(settings.transformer)
-    return f"""## Qwen-Image-2.1: SELF vs per-image, condition cache on vs off (`benchmarks/bench_model_mid.py`)
+    return f"""## Qwen-Image-2.1: SELF vs per-image, condition cache on vs off (`benchmarks/bench_model_21.py`)
 
 A random `QwenImage21Transformer2DModel` with the real latent geometry (64 channels at 16x, one token
 per latent cell), head dim, SwiGLU ratio and RoPE axes, at {cfg["num_layers"]} blocks of
