@@ -233,10 +233,45 @@ def compare_batching(
     return out
 
 
-def report(args: argparse.Namespace, load: LoadResult, rss: tuple[float, float, dict[int, int]], cmp: dict) -> str:
+def pipeline_batching(model: str, n: int, steps: int, rounds: int) -> dict[int, list[float]]:
+    """Edits/s of the pipeline itself (no server) on the same request mix, ``n`` per arm, in calls of 8
+    vs 1, alternating: how much of the server's batching gain the model's compute can give at all."""
+    from uniref.pipeline import EditPipeline
+
+    pipe = EditPipeline.from_pretrained(model)
+    requests = []
+    for i in range(n):
+        form, fields = edit_request(i)
+        requests.append((fields["prompt"], [Image.open(io.BytesIO(f[1][1])).convert("RGB") for f in form], i))
+    pipe.generate([requests[0][0]], [requests[0][1]], steps=steps, progress=False)  # warm-up
+    out: dict[int, list[float]] = {8: [], 1: []}
+    for _ in range(rounds):
+        for batch in (8, 1):
+            start = time.perf_counter()
+            for s in range(0, n, batch):
+                chunk = requests[s : s + batch]
+                pipe.generate(
+                    [c[0] for c in chunk],
+                    [c[1] for c in chunk],
+                    steps=steps,
+                    seed=[c[2] for c in chunk],
+                    progress=False,
+                )
+            out[batch].append(n / (time.perf_counter() - start))
+    return out
+
+
+def report(
+    args: argparse.Namespace,
+    load: LoadResult,
+    rss: tuple[float, float, dict[int, int]],
+    cmp: dict,
+    in_process: dict[int, list[float]],
+) -> str:
     before, after, bad_statuses = rss
     speedups = [a / b for a, b in zip(cmp[8], cmp[1], strict=True) if b > 0]
     speedup = statistics.median(speedups) if speedups else float("nan")
+    in_speedup = statistics.median(a / b for a, b in zip(in_process[8], in_process[1], strict=True))
     rows = [
         ["requests sent (clients)", f"{sum(load.statuses.values())} ({args.clients})"],
         ["statuses", ", ".join(f"{s}: {n}" for s, n in sorted(load.statuses.items()))],
@@ -266,6 +301,13 @@ def report(args: argparse.Namespace, load: LoadResult, rss: tuple[float, float, 
             markdown_table(["server", "per round", "median"], cmp_rows),
             f"Speed-up of batching (median of paired rounds): **{speedup:.2f}×** "
             f"(vllm-omni's batching PR: {VLLM_OMNI_BATCH8}× at batch 8).",
+            "The pipeline alone (no server), same request mix and steps, calls of 8 vs 1 in the same run "
+            f"(edits/s): {', '.join(f'{x:.2f}' for x in in_process[8])} vs "
+            f"{', '.join(f'{x:.2f}' for x in in_process[1])}, **{in_speedup:.2f}×**. On this CPU the tiny "
+            "model's batch-1 forward already keeps the cores busy, so what batching buys the server is the "
+            "per-call work around the model (decoding uploads, planning, encoding the PNG and the response) "
+            "shared by a whole batch; on a GPU, where a batch-1 forward leaves the device idle, the model's "
+            "own gain comes on top.",
         ]
     )
 
@@ -333,7 +375,8 @@ def main() -> None:
     cmp = compare_batching(
         args.model, args.compare_requests, args.compare_clients, args.steps, args.rounds, args.phase_seconds
     )
-    text = report(args, load, rss, cmp)
+    in_process = pipeline_batching(args.model, args.compare_requests, args.steps, args.rounds)
+    text = report(args, load, rss, cmp, in_process)
     if args.no_write:
         print(text)
     else:
