@@ -381,7 +381,7 @@ def test_one_benchmark_reads_the_same_from_every_layout(tmp_path, layout):
     assert items[2].images[1].size == (48, 32)
     problems = [str(p) for p in report.problems]
     assert problems == (
-        ["row 5: omnicontext.jsonl: not JSON (Expecting property name enclosed in double quotes)"]
+        ["row 5: omnicontext.jsonl: invalid JSON (Expecting property name enclosed in double quotes)"]
         if layout == "jsonl"
         else []
     )

@@ -283,20 +283,31 @@ def evaluate(
     return EvalReport.from_records(records, settings, outputs)
 
 
-def baseline_output(name: str, samples: Sequence[Sample], index: int) -> Image.Image:
-    """A trivial output for sample ``index``: ``copy_first`` (picture 1 returned), ``copy_last``,
-    ``grey`` (a uniform mid-grey image of the target's size) or ``other_target`` (the next sample's
-    target: a perfect image of the wrong scene)."""
-    sample = samples[index]
+def trivial_output(
+    name: str, refs: Sequence[Image.Image], size: tuple[int, int], other: Image.Image | None
+) -> Image.Image | None:
+    """The trivial output ``name``: ``copy_first`` (picture 1 returned), ``copy_last``, ``grey`` (uniform
+    mid-grey of ``size``) or ``other_target`` (``other``: a right answer to another sample; None where a
+    benchmark has none). The one definition behind ``uniref eval --baselines`` and ``uniref bench``."""
     if name == "copy_first":
-        return sample.refs[0]
+        return refs[0]
     if name == "copy_last":
-        return sample.refs[-1]
+        return refs[-1]
     if name == "grey":
-        return Image.new("RGB", sample.target.size, GREY)
+        return Image.new("RGB", size, GREY)
     if name == "other_target":
-        return samples[(index + 1) % len(samples)].target
+        return other
     raise ValueError(f"unknown baseline {name!r}; choose from {list(BASELINES)}")
+
+
+def baseline_output(name: str, samples: Sequence[Sample], index: int) -> Image.Image:
+    """:func:`trivial_output` for sample ``index``; ``other_target`` is the next sample's target (a perfect
+    image of the wrong scene)."""
+    sample = samples[index]
+    other = samples[(index + 1) % len(samples)].target
+    out = trivial_output(name, sample.refs, sample.target.size, other)
+    assert out is not None
+    return out
 
 
 def evaluate_baselines(samples: Sequence[Sample], names: Sequence[str] = BASELINES) -> dict[str, EvalReport]:

@@ -24,7 +24,7 @@ from typing import Any
 
 from PIL import Image
 
-from uniref.data.formats import LoadReport, Problem
+from uniref.data.formats import LoadReport, Problem, iter_json_lines
 from uniref.errors import DataError, ImageInputError
 from uniref.images import load_image, to_rgb
 
@@ -77,24 +77,15 @@ def _one_split(loaded: Any, path: Path) -> Any:
 
 def _json_rows(path: Path, report: LoadReport) -> Iterator[Row]:
     resolve = resolver_for(path.parent)
-    text = path.read_text(encoding="utf-8")
     if path.suffix == ".jsonl":
-        for row_no, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            report.rows += 1
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                report.problems.append(Problem(row_no, path.name, f"not JSON ({exc.msg})"))
-                continue
+        for row_no, row in iter_json_lines(path, report):
             if not isinstance(row, dict):
                 report.problems.append(Problem(row_no, path.name, f"a row must be an object, got {type(row).__name__}"))
                 continue
             yield row_no, None, row, resolve
         return
     try:
-        data = json.loads(text)
+        data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}: not JSON ({exc.msg} at line {exc.lineno})") from None
     if isinstance(data, dict):

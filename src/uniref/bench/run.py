@@ -27,6 +27,7 @@ from uniref.bench.scores import Row, group_means
 from uniref.bench.suite import Item, Question, Suite, safe_name
 from uniref.data.formats import LoadReport
 from uniref.errors import DataError, ImageInputError
+from uniref.eval import BASELINES, trivial_output
 from uniref.images import atomic_path, image_size, load_image, save_image
 from uniref.rewards.judge import JudgeConfig, VLMJudge, image_part, judge_reason
 
@@ -37,8 +38,6 @@ SUITES: dict[str, type[Suite]] = {
     "imgedit": ImgEdit,
     "scenes": Scenes,
 }
-BASELINES = ("copy_first", "copy_last", "grey", "other_target")
-GREY = (128, 128, 128)
 MODEL = "model"  # the contestant name of the model under test
 SETTINGS_FILE = "generation.json"
 
@@ -184,15 +183,8 @@ def _write_companions(suite: Suite, items: Sequence[Item], root: Path, label: st
 
 def baseline_image(name: str, suite: Suite, items: Sequence[Item], index: int) -> Image.Image | None:
     item = items[index]
-    if name == "copy_first":
-        return item.images[0]
-    if name == "copy_last":
-        return item.images[-1]
-    if name == "grey":
-        return Image.new("RGB", suite.like(item).size, GREY)
-    if name == "other_target":
-        return suite.other_output(items, index) if len(items) > 1 else None
-    raise ValueError(f"unknown baseline {name!r}; choose from {list(BASELINES)}")
+    other = suite.other_output(items, index) if len(items) > 1 else None
+    return trivial_output(name, item.images, suite.like(item).size, other)
 
 
 def write_baselines(suite: Suite, items: Sequence[Item], root: Path) -> dict[str, list[Path]]:

@@ -200,30 +200,35 @@ def _finish(sample: Sample, report: LoadReport) -> Sample:
     return sample
 
 
-def _iter_jsonl(path: Path, report: LoadReport) -> Iterator[Sample]:
-    root = path.parent
+def iter_json_lines(path: Path, report: LoadReport) -> Iterator[tuple[int, Any]]:
+    """``(line number, parsed value)`` of every non-blank line of a JSONL file; each counts as a row of
+    ``report``, and a line that is not JSON is a problem there, never dropped silently."""
     with open(path, encoding="utf-8") as fh:
         for row_no, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
             report.rows += 1
             try:
-                row = json.loads(line)
+                yield row_no, json.loads(line)
             except json.JSONDecodeError as exc:
                 report.problems.append(Problem(row_no, path.name, f"invalid JSON ({exc.msg})"))
-                continue
-            reason = _validate(row, row_no, path.name, report)
-            if reason:
-                report.problems.append(Problem(row_no, path.name, reason))
-                continue
-            try:
-                refs = [load_image(root / p) for p in row["input_images"]]
-                target = load_image(root / row["output_image"])
-            except ImageInputError as exc:
-                report.problems.append(Problem(row_no, _relative(str(exc), root), _reason(exc)))
-                continue
-            spec = row.get("spec") or {}
-            yield _finish(Sample(row["instruction"], refs, target, row.get("task", ""), spec), report)
+
+
+def _iter_jsonl(path: Path, report: LoadReport) -> Iterator[Sample]:
+    root = path.parent
+    for row_no, row in iter_json_lines(path, report):
+        reason = _validate(row, row_no, path.name, report)
+        if reason:
+            report.problems.append(Problem(row_no, path.name, reason))
+            continue
+        try:
+            refs = [load_image(root / p) for p in row["input_images"]]
+            target = load_image(root / row["output_image"])
+        except ImageInputError as exc:
+            report.problems.append(Problem(row_no, _relative(str(exc), root), _reason(exc)))
+            continue
+        spec = row.get("spec") or {}
+        yield _finish(Sample(row["instruction"], refs, target, row.get("task", ""), spec), report)
 
 
 def _relative(message: str, root: Path) -> str:
