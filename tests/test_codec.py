@@ -71,3 +71,18 @@ def test_tiny_model_with_a_codec_bundles_it_and_reloads_identically(tmp_path: Pa
     torch.testing.assert_close(loaded.decode_latents([lat])[0], model.decode_latents([lat])[0])
     with pytest.raises(ModelError, match="bundled"):
         build_tiny(loaded.config)
+
+
+def test_tiny_codec_encodes_a_mixed_batch_per_shape_as_it_would_one_image_at_a_time(tmp_path: Path) -> None:
+    config = TinyConfig(vocabulary=WORDS, width=32, depth=2, heads=2, rope_axes=(4, 6, 6), text_layers=1,
+                        mlp_ratio=2, patch=1, codec=str(_codec_folder(tmp_path)))  # fmt: skip
+    model = build_tiny(config, seed=3)
+    gen = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, h, w, generator=gen) * 2 - 1 for h, w in ((16, 24), (16, 16), (16, 24), (8, 32))]
+    batched = model.encode_images(images)
+    for img, lat in zip(images, batched, strict=True):
+        torch.testing.assert_close(lat, model.encode_images([img])[0], atol=1e-5, rtol=1e-5)
+    decoded = model.decode_latents(batched)
+    for lat, out in zip(batched, decoded, strict=True):
+        assert out.shape[1:] == (lat.shape[1] * 8, lat.shape[2] * 8)
+        torch.testing.assert_close(out, model.decode_latents([lat])[0], atol=1e-5, rtol=1e-5)

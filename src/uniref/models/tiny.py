@@ -22,7 +22,7 @@ import json
 import math
 import re
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -487,16 +487,16 @@ class TinyModel(EditModel):
 
     def encode_images(self, images: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         codec, r = self._codec(), self.config.unshuffle
-        with torch.no_grad():
-            if codec is not None:
-                return [codec.encode(img.to(self.device, self.dtype)[None])[0] for img in images]
+        if codec is not None:
+            with torch.no_grad():
+                return _by_shape(codec.encode, [img.to(self.device, self.dtype) for img in images])
         return [F.pixel_unshuffle(img.to(self.device, self.dtype)[None], r)[0] for img in images]
 
     def decode_latents(self, latents: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         codec, r = self._codec(), self.config.unshuffle
         if codec is not None:
             with torch.no_grad():
-                return [codec.decode(lat[None].to(self.device, self.dtype))[0] for lat in latents]
+                return _by_shape(codec.decode, [lat.to(self.device, self.dtype) for lat in latents])
         return [F.pixel_shuffle(lat[None], r)[0] for lat in latents]
 
     @contextmanager
@@ -688,3 +688,17 @@ def load_tiny_random(device: str = "cpu", dtype: torch.dtype | None = None, seed
     model = build_tiny(seed=seed, name="tiny-random")
     model.net.to(device=device, dtype=dtype or torch.float32)
     return model
+
+
+def _by_shape(fn: Callable[[torch.Tensor], torch.Tensor], xs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """``fn`` over every tensor of ``xs``, one call per distinct shape. A training batch holds ~150 small
+    images (references, targets, binding thumbnails) in ~20 shapes; one codec call per image took 3x as
+    long (160 images of 21 shapes, 1 thread: 1.99 s vs 0.67 s), and results agree within 3e-6."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, x in enumerate(xs):
+        groups.setdefault(tuple(x.shape), []).append(i)
+    out: list[torch.Tensor] = [xs[0]] * len(xs)
+    for indices in groups.values():
+        for i, y in zip(indices, fn(torch.stack([xs[i] for i in indices])), strict=True):
+            out[i] = y
+    return out
