@@ -115,6 +115,11 @@ def test_omnicontext_from_save_to_disk_scores_as_published(tmp_path, pipe, judge
     # at K = 1 copy_last is the same file as copy_first, and the two share their 2 × 2 judgements.
     assert fake.calls == 3 * 2 * 4 - 4 == result.judge["asked"]
     assert set(result.results) == {MODEL, "copy_first", "copy_last", "grey"}  # no right answers: no other_target
+    report_json, report_md, report_html = write_reports(result, tmp_path / "out")
+    md = report_md.read_text()
+    assert "| overall | 3 | 0 |" in md and "| baseline: grey |" in md and "random.randint" in md
+    assert "scripted" in report_html.read_text()  # the judge's reasons beside the thumbnails
+    assert json.loads(report_json.read_text())["samples"][3]["scores"] is None  # the excluded Chinese row
 
 
 def test_omnicontext_malformed_replies_are_retried_then_unscored_never_guessed(tmp_path, pipe, judge):
