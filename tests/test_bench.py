@@ -50,18 +50,8 @@ def judge() -> Iterator[tuple[ScriptedJudge, JudgeConfig]]:
 
 
 def _run(name: str, data: Path, out: Path, pipe: EditPipeline, judge_config: JudgeConfig | None, **kw):
-    return run_bench(
-        name,
-        data,
-        out,
-        model="tiny-random",
-        pipe=pipe,
-        judge=judge_config,
-        steps=1,
-        progress=False,
-        concurrency=2,
-        **kw,
-    )
+    kw = {"concurrency": 2, **kw}
+    return run_bench(name, data, out, model="tiny-random", pipe=pipe, judge=judge_config, steps=1, progress=False, **kw)
 
 
 # --- formulas, computed by hand ------------------------------------------------------------------------
@@ -190,18 +180,8 @@ def test_gedit_from_parquet_viescore_per_language_and_intersection(tmp_path, pip
         return reply(*script[last[0]][1])
 
     fake.handler = handler
-    result = run_bench(
-        "gedit",
-        write_gedit(tmp_path / "gedit"),
-        tmp_path / "out",
-        model="tiny-random",
-        pipe=pipe,
-        judge=config,
-        steps=1,
-        progress=False,
-        concurrency=1,
-        baselines=False,
-    )
+    gedit = write_gedit(tmp_path / "gedit")
+    result = _run("gedit", gedit, tmp_path / "out", pipe, config, concurrency=1, baselines=False)
     assert (tmp_path / "out/tiny-random/fullset/color_alter/en/g1.png").exists()
     assert (tmp_path / "out/tiny-random/fullset/color_alter/en/g1_SRCIMG.png").exists()  # the scorer needs it
     assert (tmp_path / "out/tiny-random/fullset/color_alter/cn/g1.png").exists()  # same key, other language
