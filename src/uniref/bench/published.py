@@ -27,6 +27,13 @@ def _json_answer(labels: Sequence[str]) -> str:
     return JSON_ANSWER.format(shape=shape)
 
 
+def _ask(
+    name: str, rubric: str, labels: Sequence[str], images: Sequence[tuple[str, Image.Image]], item: Item, **scale: float
+) -> Question:
+    """A question whose answer format (the JSON line) follows from the scores it asks for."""
+    return Question(name, rubric + _json_answer(labels), tuple(labels), tuple(images), item.instruction, **scale)
+
+
 def _inputs(item: Item) -> tuple[tuple[str, Image.Image], ...]:
     return tuple((f"Input image {i + 1}:", img) for i, img in enumerate(item.images))
 
@@ -95,8 +102,8 @@ class OmniContext(Suite):
         shown = (*_inputs(item), ("Generated image:", output))
         sc = OMNI_SC_SCENE if "scene" in item.task_type else OMNI_SC
         return [
-            Question("PF", OMNI_PF + _json_answer(["score"]), ("prompt following",), shown, item.instruction),
-            Question("SC", sc + _json_answer(["score"]), ("subject consistency",), shown, item.instruction),
+            _ask("PF", OMNI_PF, ["prompt following"], shown, item),
+            _ask("SC", sc, ["subject consistency"], shown, item),
         ]
 
     def sample_scores(self, item: Item, output: Image.Image, answers: dict[str, list[float]] | None) -> Any:
@@ -165,20 +172,8 @@ class MICoBench(Suite):
     def questions(self, item: Item, output: Image.Image) -> list[Question]:
         ref = item.extra["reference"]
         return [
-            Question(
-                "SC",
-                MICO_SC + _json_answer(["PF", "SR"]),
-                ("PF", "SR"),
-                (("Reference:", ref), ("Generated:", output)),
-                item.instruction,
-            ),
-            Question(
-                "PQ",
-                MICO_PQ + _json_answer(["naturalness", "artifacts"]),
-                ("naturalness", "artifacts"),
-                (("Generated:", output),),
-                item.instruction,
-            ),
+            _ask("SC", MICO_SC, ["PF", "SR"], [("Reference:", ref), ("Generated:", output)], item),
+            _ask("PQ", MICO_PQ, ["naturalness", "artifacts"], [("Generated:", output)], item),
         ]
 
     def sample_scores(self, item: Item, output: Image.Image, answers: dict[str, list[float]] | None) -> Any:
@@ -286,20 +281,10 @@ class GEditBench(Suite):
         source = item.images[0]
         edited = output.resize(source.size) if output.size != source.size else output  # as the official scorer
         return [
-            Question(
-                "SC",
-                GEDIT_SC + _json_answer(["editing success", "over-editing"]),
-                ("editing success", "over-editing"),
-                (("Original:", source), ("Edited:", edited)),
-                item.instruction,
+            _ask(
+                "SC", GEDIT_SC, ["editing success", "over-editing"], [("Original:", source), ("Edited:", edited)], item
             ),
-            Question(
-                "PQ",
-                GEDIT_PQ + _json_answer(["naturalness", "artifacts"]),
-                ("naturalness", "artifacts"),
-                (("Image:", edited),),
-                item.instruction,
-            ),
+            _ask("PQ", GEDIT_PQ, ["naturalness", "artifacts"], [("Image:", edited)], item),
         ]
 
     def sample_scores(self, item: Item, output: Image.Image, answers: dict[str, list[float]] | None) -> Any:
@@ -379,9 +364,9 @@ class ImgEdit(Suite):
     def questions(self, item: Item, output: Image.Image) -> list[Question]:
         rubric = IMGEDIT_ALIASES.get(item.task_type, item.task_type)
         labels = IMGEDIT_CRITERIA[rubric]
-        template = IMGEDIT_PROMPT.format(edit_type=rubric, criteria="; ".join(labels)) + _json_answer(labels)
-        shown = (("Before:", item.images[0]), ("After:", output))
-        return [Question("grades", template, labels, shown, item.instruction, low=1.0, high=5.0)]
+        text = IMGEDIT_PROMPT.format(edit_type=rubric, criteria="; ".join(labels))
+        shown = [("Before:", item.images[0]), ("After:", output)]
+        return [_ask("grades", text, labels, shown, item, low=1.0, high=5.0)]
 
     def sample_scores(self, item: Item, output: Image.Image, answers: dict[str, list[float]] | None) -> Any:
         if answers is None:

@@ -149,9 +149,14 @@ def generate_outputs(
     progress: bool = True,
 ) -> tuple[list[Path], dict[str, int]]:
     """The model's output path per item, generating those not on disk (item ``i`` uses seed ``seed + i``,
-    so a resumed run makes the images an uninterrupted one would)."""
+    so a resumed run makes the images an uninterrupted one would). ``pipe`` is a pipeline, or a model
+    name to load only if an output is missing."""
     paths = [suite.output_path(root, label, item) for item in items]
     todo = [i for i, p in enumerate(paths) if not (p.exists() and _readable(p))]
+    if todo and isinstance(pipe, str):  # a model name: loaded only when something is left to generate
+        from uniref.pipeline import EditPipeline
+
+        pipe = EditPipeline.from_pretrained(pipe)
     bar = tqdm(total=len(todo), desc=f"{suite.name}: generate", unit="image", disable=not progress)
     try:
         for start in range(0, len(todo), batch_size):
@@ -295,13 +300,8 @@ def run_bench(
         extra_counts["W"] = load_mico_weights(items, [data / "weights", out / safe_name(label) / "weights"])
 
     _check_settings(out / safe_name(label), settings)
-    paths_needed = [suite.output_path(out, label, it) for it in items]
-    if pipe is None and not all(p.exists() and _readable(p) for p in paths_needed):
-        from uniref.pipeline import EditPipeline
-
-        pipe = EditPipeline.from_pretrained(model)
     model_paths, generation = generate_outputs(
-        pipe,
+        pipe if pipe is not None else model,
         suite,
         items,
         out,
