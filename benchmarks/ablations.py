@@ -182,6 +182,7 @@ def family_scores(report: EvalReport) -> dict[str, float]:
 
 def metric_cells(report: EvalReport) -> list[str]:
     return [
+        f"{report.overall:.3f}",
         f"{report.ref_consistency:.3f}",
         f"{report.worst_ref_consistency:.3f}",
         f"{report.instruction_accuracy:.3f}",
@@ -189,7 +190,13 @@ def metric_cells(report: EvalReport) -> list[str]:
     ]
 
 
-METRIC_HEADER = ["ref consistency", "worst ref", "instruction", "quality"]
+METRIC_HEADER = ["overall", "ref consistency", "worst ref", "instruction", "quality"]
+
+
+def baseline_rows(baselines: dict[str, EvalReport], blanks: int) -> list[list[str]]:
+    """One table row per trivial baseline (``uniref.eval.evaluate_baselines``): its label, ``blanks``
+    empty cells, its metrics."""
+    return [[f"*baseline: {name}*"] + [""] * blanks + metric_cells(report) for name, report in baselines.items()]
 
 
 def sample_grid(samples: Sequence[Sample], reports: dict[str, EvalReport], out: Path) -> None:
@@ -234,6 +241,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--minutes", type=float, default=30.0, help="probes only: wall time per arm")
     parser.add_argument("--no-train", action="store_true", help="only evaluate (arms must be finished)")
     parser.add_argument(
+        "--arms", type=lambda v: v.split(","), default=None, help="sft only: a comma list of arms (default: all)"
+    )
+    parser.add_argument(
         "--replicate",
         type=int,
         default=0,
@@ -242,6 +252,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.replicate < 0 or (args.replicate and args.study != "rl"):
         parser.error(f"--replicate {args.replicate}: replicates are numbered 1, 2, ... and exist for the rl study only")
+    if args.arms is not None:
+        from benchmarks.ablations_sft import ARMS
+
+        unknown = sorted(set(args.arms) - set(ARMS))
+        if args.study != "sft" or unknown:
+            problem = f"unknown arm(s) {', '.join(unknown)}" if unknown else "arms are chosen for the sft study only"
+            parser.error(f"--arms {','.join(args.arms)}: {problem} (sft arms: {', '.join(ARMS)})")
     if args.study == "probes":
         from benchmarks import ablations_probes
 

@@ -17,6 +17,7 @@ from benchmarks.ablations import (
     REPLICATES,
     arm_config,
     arm_finished,
+    baseline_rows,
     ensure_trained,
     eval_model,
     export_arm,
@@ -30,7 +31,7 @@ from benchmarks.ablations import (
 from uniref.config import read_yaml
 from uniref.data import SizeRange, TaskConfig, parse_tasks
 from uniref.data.splits import split_samples
-from uniref.eval import METRICS, EvalReport
+from uniref.eval import METRICS, EvalReport, evaluate_baselines
 
 ARMS = {
     "rl_raw_sum": "GRPO, summed reward (window 3)",
@@ -194,6 +195,7 @@ Sample grid (test compositions; outputs left to right: {", ".join(models)}; then
 REPLICATE_ARMS = ("rl_raw_sum", "rl_reconcile")
 BOOTSTRAP = 2000
 PAIRED_METRICS = (
+    ("overall", "overall"),
     ("worst_ref", "worst ref"),
     ("ref_consistency", "ref consistency"),
     ("instruction", "instruction"),
@@ -230,7 +232,8 @@ def run_replicate(args: argparse.Namespace) -> None:
     samples = test_samples(args.n, "compose", max_refs=max_refs)
     sft, _ = eval_model("tiny", samples, budget=budget)
     rows = [["SFT only (embedded default)", "–", "0", "–", "–"] + metric_cells(sft)]
-    gaps = []
+    rows += baseline_rows(evaluate_baselines(samples), blanks=4)
+    gaps, pooled = [], {}
     for r in replicates:
         reports = {}
         for name in REPLICATE_ARMS:
@@ -243,9 +246,19 @@ def run_replicate(args: argparse.Namespace) -> None:
                 [ARMS[name], str(r), str(clock[-1][0]), f"{clock[-1][1] / 60:.1f}", conflict_cell]
                 + metric_cells(reports[name])
             )
+        pairs = {
+            "reconcile − raw_sum": (reports["rl_raw_sum"], reports["rl_reconcile"]),
+            "reconcile − SFT only": (sft, reports["rl_reconcile"]),
+            "raw_sum − SFT only": (sft, reports["rl_raw_sum"]),
+        }
         for attr, label in PAIRED_METRICS:
-            mean, lo, hi = paired_bootstrap(reports["rl_raw_sum"], reports["rl_reconcile"], attr)
-            gaps.append([str(r), label, f"{mean:+.3f}", f"[{lo:+.3f}, {hi:+.3f}]"])
+            for pair, (a, b) in pairs.items():
+                mean, lo, hi = paired_bootstrap(a, b, attr)
+                gaps.append([str(r), label, pair, f"{mean:+.3f}", f"[{lo:+.3f}, {hi:+.3f}]"])
+                pooled.setdefault((label, pair), []).append(mean)
+    seeds_rows = [
+        [label, pair, f"{np.mean(v):+.3f}", f"{min(v):+.3f}", f"{max(v):+.3f}"] for (label, pair), v in pooled.items()
+    ]
     header = ["arm", "replicate", "RL steps", "train min", "mean ref_conflict"] + METRIC_HEADER
     runs = "; ".join(
         f"Replicate {r}: run.seed {r}, data.seed_offset + {r * REPLICATE_PROMPTS:,} (other prompts)"
@@ -263,10 +276,14 @@ section lists every finished replicate on disk). {runs}. Test set, budget and sa
 
 {markdown_table(header, rows)}
 
-MSGRPO (reconcile) minus summed GRPO on the same test samples, with a 95% paired bootstrap interval over
-the samples ({BOOTSTRAP} resamples; it covers test-sample noise, not training noise):
+Paired differences on the same test samples, with a 95% paired bootstrap interval over the samples
+({BOOTSTRAP} resamples; it covers test-sample noise, not training noise):
 
-{markdown_table(["replicate", "metric", "reconcile − raw_sum", "95% interval"], gaps)}
+{markdown_table(["replicate", "metric", "difference", "mean", "95% interval"], gaps)}
+
+Across the {len(replicates)} replicates (training noise): the per-replicate mean differences, their mean and range:
+
+{markdown_table(["metric", "difference", "mean over replicates", "min", "max"], seeds_rows)}
 """
     write("rl_replicates", text)
     print(text)

@@ -14,6 +14,7 @@ from benchmarks.ablations import (
     METRIC_HEADER,
     ROOT,
     arm_config,
+    baseline_rows,
     ensure_trained,
     eval_model,
     export_arm,
@@ -28,7 +29,7 @@ from benchmarks.ablations import (
 )
 from uniref.budget import PlanMode, Size, plan
 from uniref.config import read_yaml
-from uniref.eval import EvalReport
+from uniref.eval import EvalReport, evaluate_baselines
 
 ARMS = {
     "sft_progressive": "progressive 64² → 96² → 128²",
@@ -46,7 +47,7 @@ def compute_units(name: str) -> float:
     return sum(s["steps"] * (s["budget"] / 64) ** 2 * s["batch_size"] / 16 for s in stages)
 
 
-def curves(out_png: str) -> None:
+def curves(out_png: str, arms: dict[str, str]) -> None:
     """Training loss and validation ref consistency of every arm against compute spent."""
     import matplotlib
 
@@ -54,7 +55,7 @@ def curves(out_png: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(11, 3.8), dpi=110)
-    for name, label in ARMS.items():
+    for name, label in arms.items():
         rows = metrics_rows(name)
         stages = read_yaml(arm_config(name))["stages"]
         spent, per_step = [], []
@@ -79,19 +80,19 @@ def curves(out_png: str) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    ensure_trained("sft", list(ARMS), args)
+    arms = {n: ARMS[n] for n in (args.arms or ARMS)}
+    ensure_trained("sft", list(arms), args)
     samples = test_samples(args.n, "edit,compose", max_refs=6)
-    models = {"untrained (tiny-random)": "tiny-random"} | {ARMS[n]: export_arm(n) for n in ARMS}
+    models = {label: export_arm(n) for n, label in arms.items()}
     reports: dict[int, dict[str, EvalReport]] = {b: {} for b in EVAL_BUDGETS}
     for budget in EVAL_BUDGETS:
         for label, model in models.items():
             reports[budget][label], _ = eval_model(model, samples, budget=budget)
 
     rows = []
-    for label in models:
-        name = next((n for n, lab in ARMS.items() if lab == label), None)
-        units = f"{compute_units(name):.0f}" if name else "0"
-        hours = f"{train_hours(metrics_rows(name)):.2f}" if name else "–"
+    for name, label in arms.items():
+        units = f"{compute_units(name):.0f}"
+        hours = f"{train_hours(metrics_rows(name)):.2f}"
         fam = family_scores(reports[128][label])
         rows.append(
             [label, units, hours]
@@ -99,25 +100,31 @@ def run(args: argparse.Namespace) -> None:
             + metric_cells(reports[128][label])
             + [f"{fam['edit']:.3f}", f"{fam['compose']:.3f}"]
         )
+    # A trivial output is scored the same whatever the evaluation budget: one row serves both columns.
+    baselines = evaluate_baselines(samples)
+    for row, baseline in zip(baseline_rows(baselines, blanks=2), baselines.values(), strict=True):
+        fam = family_scores(baseline)
+        rows.append(row + row[3:] + [f"{fam['edit']:.3f}", f"{fam['compose']:.3f}"])
     header = (
         ["arm", "compute", "train h"]
         + [f"{m} @64²" for m in METRIC_HEADER]
         + [f"{m} @128²" for m in METRIC_HEADER]
         + ["edits (K=1) @128²", "compositions (K≥2) @128²"]
     )
-    curves("sft_curves.png")
+    curves("sft_curves.png", arms)
     sample_grid(samples, reports[128], FIGURES / "sft_samples.png")
     n_edit = sum(s.k == 1 for s in samples)
     units = compute_units("sft_fixed64")
     share = units / compute_units(str(ROOT / "configs" / "tiny_sft.yaml"))
+    arms_flag = f" --arms {','.join(arms)}" if args.arms else ""
     text = f"""## SFT: budget schedule, task mix, training (issue 6: a, b, d)
 
-Command: `python -m benchmarks.ablations sft --n {args.n} --jobs {args.jobs} --threads {args.threads}`
+Command: `python -m benchmarks.ablations sft --n {args.n} --jobs {args.jobs} --threads {args.threads}{arms_flag}`
 (arms: `configs/ablations/sft_*.yaml`, trained from scratch, {args.jobs} at a time on the 2-core CPU,
 {args.threads} thread(s) each).
 
 Every arm spends the same compute: Σ steps × (budget/64)² = {units:.0f} optimizer steps at 64² with
-batch 16 (`compute` column), {share:.2f}× the embedded default's recipe (`configs/tiny_sft.yaml`).
+batch 16 (`compute` column), {share:.3f}× the embedded default's recipe (`configs/tiny_sft.yaml`).
 Held-out **test** split, the same {args.n} samples for every arm ({n_edit} single edits,
 {args.n - n_edit} compositions with K = 2–6), evaluated with reference and target budgets 64² and
 128², 20 sampler steps, EMA weights.
@@ -138,7 +145,7 @@ Sample grid (test split; outputs left to right: {", ".join(models)}; then the ta
 def run_budgets(args: argparse.Namespace) -> None:
     """(c) The shipped model with SELF's joint budget vs diffusers' per-image budgets, K = 4–6."""
     samples = test_samples(args.n, "compose", max_refs=6, min_refs=4)
-    rows, grid = [], {}
+    rows, grid = baseline_rows(evaluate_baselines(samples), blanks=2), {}
     for budget in EVAL_BUDGETS:
         reports, timings = {}, {}
         for mode in (PlanMode.GLOBAL, PlanMode.PER_IMAGE):

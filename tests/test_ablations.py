@@ -54,9 +54,17 @@ def test_paired_bootstrap_is_zero_for_equal_arms_and_brackets_a_shift() -> None:
     assert 0.1 <= lo <= mean <= hi <= 0.12
 
 
-@pytest.mark.parametrize("argv", [["sft", "--replicate", "1"], ["rl", "--replicate", "-1"]])
-def test_a_replicate_outside_the_rl_study_or_below_one_is_refused_in_one_line(argv, capsys) -> None:
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["sft", "--replicate", "1"], "--replicate"),
+        (["rl", "--replicate", "-1"], "--replicate"),
+        (["sft", "--arms", "sft_fixed64,sft_nope"], "sft_nope"),
+        (["rl", "--arms", "sft_fixed64"], "--arms"),
+    ],
+)
+def test_a_bad_replicate_or_arm_list_is_refused_in_one_line(argv, flag, capsys) -> None:
     with pytest.raises(SystemExit) as stop:
         main(argv)
     assert stop.value.code == 2
-    assert "--replicate" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert flag in capsys.readouterr().err.strip().splitlines()[-1]

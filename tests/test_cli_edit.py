@@ -8,7 +8,10 @@ from cli_helpers import run_cli
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 REFS = [EXAMPLES / "background.png", EXAMPLES / "red_circle.png", EXAMPLES / "blue_square.png"]
-INSTRUCTION = "put the red circle from picture 2 on the left and the blue square from picture 3 on the right on the background of picture 1"
+INSTRUCTION = (  # the README's Quickstart
+    "put the red circle from picture 2 on the left and the blue square from picture 3 on the right "
+    "on the background of picture 1"
+)
 
 
 def _edit_args(out: Path, *extra: str) -> list[str]:
