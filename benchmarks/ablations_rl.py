@@ -266,13 +266,21 @@ def run_replicate(args: argparse.Namespace) -> None:
         else "Replicate 0: the configs as they are"
         for r in replicates
     )
-    text = f"""## MSGRPO vs summed GRPO: replicates (issue 7)
+    rl = cfg["rl"]
+    text = f"""## MSGRPO vs summed GRPO vs SFT only: replicates (issues 7 and 17)
 
 Command: `python -m benchmarks.ablations rl --replicate N --n {args.n} --jobs {args.jobs} --threads {args.threads}`
-(the two window-3 arms of the table above again, with other noise seeds and other training prompts; the
-section lists every finished replicate on disk). {runs}. Test set, budget and sampler as above (the same
-{args.n} held-out compositions); replicate 0, the table above, is listed here when its runs are on disk.
-`mean ref_conflict` is the training log's mean share of group pairs whose references rank oppositely.
+for N = {", ".join(map(str, replicates))} (the section lists every finished replicate on disk). Both arms start
+from the embedded default (`tiny`, as shipped when the runs were made) and differ only in how the reward
+sources are combined: `configs/ablations/rl_raw_sum.yaml` (Flow-GRPO's summed reward) and
+`configs/ablations/rl_reconcile.yaml` (MSGRPO: per-source group normalisation, reconciling aggregator);
+{cfg["train"]["max_steps"]} RL steps of P = {rl["prompts_per_step"]} prompts × G = {rl["group_size"]} samples,
+T = {rl["sample_steps"]} sampler steps with the SDE in a window of {rl["window"]}, lr {cfg["optim"]["lr"]:g},
+reward weights {", ".join(f"{k} {v:g}" for k, v in rl["weights"].items())}. {runs}; the two arms of a
+replicate see the same prompts and noise. Held-out **test** compositions (compose, transfer, conflict;
+K = 2–{max_refs}), the same {args.n} for every row, reference and target budget {budget}², 20 sampler
+steps (ODE). `mean ref_conflict` is the training log's mean share of group pairs whose references rank
+oppositely (the only pairs where a summed reward can trade one reference for another).
 
 {markdown_table(header, rows)}
 
