@@ -6,7 +6,8 @@ section of docs/ablations.md with loss/reward curves and a sample grid (PNG, und
     python -m benchmarks.ablations budgets  # (c) SELF global budget vs per-image budgets, K = 4-6
     python -m benchmarks.ablations rl       # SFT only vs summed-reward GRPO vs MSGRPO; SDE window vs full
     python -m benchmarks.ablations rl --replicate 1  # the two window arms again, other seeds and prompts
-    python -m benchmarks.ablations probes --minutes 30  # the new tiny recipe's levers, on the val split
+    python -m benchmarks.ablations probes --round levers --minutes 30  # the recipe's levers, on the val split
+    python -m benchmarks.ablations probes --round routing --minutes 50  # routing loss, fine-tuning the default
 
 Arms are the YAML files in configs/ablations/ (each also runs alone with ``uniref train``); arms of a
 study cost the same compute. ``--jobs`` arms train at once, each on ``--threads`` CPU threads.
@@ -240,6 +241,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="CPU threads per arm")
     parser.add_argument("--minutes", type=float, default=30.0, help="probes only: wall time per arm")
     parser.add_argument("--no-train", action="store_true", help="only evaluate (arms must be finished)")
+    parser.add_argument(
+        "--round", choices=["levers", "routing"], default="levers", help="probes only: which round of arms"
+    )
     parser.add_argument(
         "--arms", type=lambda v: v.split(","), default=None, help="sft only: a comma list of arms (default: all)"
     )

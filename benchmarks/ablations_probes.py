@@ -1,12 +1,17 @@
 """Probes (issue 17 §3): short runs of the new tiny recipe's levers at equal wall time, scored on the
 **validation** split (never the test split), with the trivial baselines beside them.
 
-Every arm is a whole recipe in configs/probes/; a probe trains it from scratch for ``--minutes`` of
-wall time (all arms under the same load: ``--jobs`` at once on ``--threads`` threads each), stops it
-with SIGTERM (the trainer checkpoints and exits), and evaluates its EMA weights. The winner's run
-goes on from its checkpoint as the real recipe: a probe is the first minutes of that run.
+Every arm is a whole recipe in configs/probes/; a probe trains it for ``--minutes`` of wall time (all
+arms of a round under the same load: ``--jobs`` at once on ``--threads`` threads each), stops it with
+SIGTERM (the trainer checkpoints and exits), and evaluates its EMA weights. The winner's run goes on
+from its checkpoint: a probe is the first minutes of that run.
 
-    python -m benchmarks.ablations probes --minutes 30
+Rounds: ``levers`` trains the recipe's levers from scratch (codec, binding); ``routing`` fine-tunes the
+second shipped ``tiny`` (commit c632883, materialised from git so a rerun starts from the same weights
+whatever is shipped now) on a compose-heavy mix with and without the routing loss.
+
+    python -m benchmarks.ablations probes --round levers --minutes 30
+    python -m benchmarks.ablations probes --round routing --minutes 50
 """
 
 from __future__ import annotations
@@ -30,12 +35,21 @@ from uniref.eval import EvalReport, evaluate_baselines
 
 CONFIGS = ROOT / "configs" / "probes"
 MARKER = "probe.json"  # written when a probe's wall time is used up: {"minutes", "steps"}
-ARMS = {
-    "words": "pixels, words only (no binding)",
-    "bind16": "pixels, binding 16 tokens/ref",
-    "codec_words": "codec, words only",
-    "codec_bind16": "codec, binding 16 tokens/ref",
+ROUNDS = {
+    "levers": {
+        "words": "pixels, words only (no binding)",
+        "bind16": "pixels, binding 16 tokens/ref",
+        "codec_words": "codec, words only",
+        "codec_bind16": "codec, binding 16 tokens/ref",
+    },
+    "routing": {
+        "ft_plain": "fine-tune, plain loss",
+        "ft_route": "fine-tune, routing 0.1 + object tokens x3",
+    },
 }
+SECTIONS = {"levers": "probes", "routing": "probes_routing"}
+# Starting weights of fine-tuning rounds: folder (as the configs name it) -> the commit that shipped them.
+BASES = {"runs/probes/base_tiny": "c632883"}
 K_COLUMNS = (("1", (1,)), ("2", (2,)), ("3", (3,)), ("4–6", (4, 5, 6)))
 
 
@@ -48,8 +62,22 @@ def probe_done(name: str, minutes: float) -> bool:
     return marker.exists() and json.loads(marker.read_text())["minutes"] >= minutes
 
 
+def materialise_base(name: str) -> None:
+    """Write the arm's starting weights (a fine-tuning round) from the commit that shipped them."""
+    folder = str(read_yaml(CONFIGS / f"{name}.yaml")["model"]["name"])
+    if folder not in BASES or (ROOT / folder / "model.safetensors").exists():
+        return
+    (ROOT / folder).mkdir(parents=True, exist_ok=True)
+    for file in ("model.safetensors", "uniref_model.json"):
+        blob = subprocess.run(
+            ["git", "show", f"{BASES[folder]}:src/uniref/assets/tiny/{file}"], cwd=ROOT, capture_output=True, check=True
+        ).stdout
+        (ROOT / folder / file).write_bytes(blob)
+
+
 def train_probe(name: str, minutes: float, threads: int) -> None:
-    """Train one arm from scratch for ``minutes`` of wall time, then SIGTERM it (it checkpoints)."""
+    """Train one arm for ``minutes`` of wall time, then SIGTERM it (it checkpoints)."""
+    materialise_base(name)
     run = arm_run(name)
     if run.exists():
         shutil.rmtree(run)  # a probe cut short has an unknown share of its time: start it over
@@ -107,7 +135,8 @@ def k_overall(report: EvalReport, ks: tuple[int, ...]) -> str:
 
 
 def run(args: argparse.Namespace) -> None:
-    names = list(ARMS)
+    arms = ROUNDS[args.round]
+    names = list(arms)
     todo = [n for n in names if not probe_done(n, args.minutes)]
     if todo and not args.no_train:
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
@@ -121,32 +150,40 @@ def run(args: argparse.Namespace) -> None:
     evaluated = common_step(names)
     for name in names:
         report, _ = eval_model(export_probe(name, evaluated), samples)
-        reports[ARMS[name]] = report
+        reports[arms[name]] = report
         history = read_metrics(arm_run(name))
         steps = json.loads((arm_run(name) / MARKER).read_text())["steps"]
         hours = train_hours(history)
         rate = f"{steps / max(hours * 3600, 1e-9):.2f}"
-        rows.append([ARMS[name], steps, rate, evaluated] + _score_cells(report))
+        rows.append([arms[name], steps, rate, evaluated] + _score_cells(report))
     for base, report in evaluate_baselines(samples).items():
         rows.append([f"*baseline: {base}*", "", "", ""] + _score_cells(report))
     header = ["arm", "steps trained", "steps/s", "evaluated step", "overall"]
     header += [f"overall K={k}" for k, _ in K_COLUMNS]
     header += ["worst ref", "instruction"]
-    sample_grid(samples, reports, FIGURES / "probes_samples.png")
+    section = SECTIONS[args.round]
+    figure = f"{section}_samples.png"
+    sample_grid(samples, reports, FIGURES / figure)
     configs = ", ".join(f"`configs/probes/{n}.yaml`" for n in names)
+    start = (
+        "trains from scratch"
+        if args.round == "levers"
+        else "fine-tunes the `tiny` weights shipped at commit c632883 (compose-heavy mix, 64²)"
+    )
+    title = "the new tiny recipe's levers" if args.round == "levers" else "routing supervision on the shipped model"
     write(
-        "probes",
-        f"## Probes: the new tiny recipe's levers at equal wall time (issue 17 §3)\n\n"
-        f"Command: `python -m benchmarks.ablations probes --minutes {args.minutes:g} --jobs {args.jobs} "
-        f"--threads {args.threads}`. Arms: {configs}; each trains from scratch for {args.minutes:g} min of wall "
+        section,
+        f"## Probes: {title} at equal wall time (issue 17 §3)\n\n"
+        f"Command: `python -m benchmarks.ablations probes --round {args.round} --minutes {args.minutes:g} "
+        f"--jobs {args.jobs} --threads {args.threads}`. Arms: {configs}; each {start} for {args.minutes:g} min of wall "
         f"time, {args.jobs} at once on {args.threads} thread(s) each (so steps/s are under that shared load), "
         f"and is scored with its EMA weights at step {evaluated}, the last step all arms reached (equal "
         f"steps: per-step costs are in the steps/s column), on the first {args.n} **validation** samples "
         f"(edit + compose, K ≤ 6). `overall` = √(instruction · worst ref) per sample.\n\n"
         + markdown_table(header, rows)
-        + "\n\n![probe samples](ablations/probes_samples.png)\n",
+        + f"\n\n![probe samples](ablations/{figure})\n",
     )
-    print("probes: wrote docs/ablations.md and docs/ablations/probes_samples.png", flush=True)
+    print(f"probes: wrote docs/ablations.md and docs/ablations/{figure}", flush=True)
 
 
 def _score_cells(report: EvalReport) -> list[str]:

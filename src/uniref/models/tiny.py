@@ -207,6 +207,8 @@ class JointBlock(nn.Module):
         self.img = Stream(width, heads, mlp_ratio)
         self.txt = Stream(width, heads, mlp_ratio, with_output=not last)
         self.record: list[torch.Tensor] | None = None  # attention weights, when explaining (uniref.explain)
+        # Called with (q, k, mask) after RoPE, e.g. by the routing loss (uniref.train.routing).
+        self.on_attention: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None
 
     def forward(
         self,
@@ -228,6 +230,8 @@ class JointBlock(nn.Module):
         q = apply_rope(torch.cat([qt, qi], dim=2), rope)
         k = apply_rope(torch.cat([kt, ki], dim=2), rope)
         v = torch.cat([vt, vi], dim=2)
+        if self.on_attention is not None:
+            self.on_attention(q, k, mask)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (R, H, L, Dh)
         if self.record is not None:  # the same softmax SDPA computes, kept (averaged over heads)
             logits = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
@@ -509,6 +513,21 @@ class TinyModel(EditModel):
             self._attention = None
             for block in self.net.blocks:
                 block.record = None
+
+    @contextmanager
+    def attention_hook(
+        self, hook: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None], first_block: int = 1
+    ) -> Iterator[None]:
+        """Within the block, joint blocks ``first_block``.. call ``hook(q, k, mask)`` on every forward
+        (queries and keys after RoPE, (R, H, L, Dh); the attention mask (R, 1, L, L))."""
+        blocks = list(self.net.blocks)[first_block:]
+        for block in blocks:
+            block.on_attention = hook
+        try:
+            yield
+        finally:
+            for block in blocks:
+                block.on_attention = None
 
     def _log_attention(self, batch: PackedBatch, text: PackedStream) -> None:
         """Per sample, from each block's weights: the mass target tokens give to themselves, the

@@ -5,11 +5,14 @@ its own; all images are encoded in one adapter call; the target latent is noised
 ``x_t = (1 − σ)·x_0 + σ·ε`` with σ logit-normal and shifted for the target's token count, and
 serialized before its clean references. The loss is the MSE between the predicted and the true
 velocity ``ε − x_0`` on target tokens only, averaged per sample so that every sample weighs the
-same whatever its size.
+same whatever its size. Scene samples also carry their routes and object tokens
+(:mod:`uniref.train.routing`): ``loss.routing`` teaches object tokens to read their own reference,
+``loss.object_weight`` weighs object tokens up in the flow-matching mean.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,9 +22,11 @@ import torch
 from uniref import flow
 from uniref.budget import Size, plan, plan_target
 from uniref.data.sample import Sample
+from uniref.errors import ConfigError
 from uniref.images import image_size, resize, to_tensor
 from uniref.models.base import Conditioning, EditModel
 from uniref.sequence import PackedBatch, build_sequence, pack_sequences, patchify
+from uniref.train.routing import Route, RoutingLoss, object_token_mask, sample_routes
 
 
 @dataclass
@@ -34,6 +39,8 @@ class TrainBatch:
     ref_sizes: list[list[Size]]
     tasks: list[str]
     ks: list[int]
+    routes: list[list[Route]]  # per sample (empty without a scene spec)
+    object_masks: list[torch.Tensor | None]  # per sample (L_target_i,) bool: tokens objects cover
 
     @property
     def real_tokens(self) -> int:
@@ -94,21 +101,58 @@ def make_batch(
         ref_sizes=[list(p.sizes) for p in ref_plans],
         tasks=[s.task for s in samples],
         ks=[len(s.refs) for s in samples],
+        routes=[sample_routes(s.spec, seq.grids) for s, seq in zip(samples, sequences, strict=True)],
+        object_masks=[object_token_mask(s.spec, seq.grids[0]) for s, seq in zip(samples, sequences, strict=True)],
     )
+
+
+@dataclass
+class LossParts:
+    total: torch.Tensor  # what the optimizer minimises
+    per_sample: torch.Tensor  # (B,) flow-matching loss of each sample, detached, for logging
+    routing: torch.Tensor | None  # the routing term (before its weight), when on
 
 
 def flow_loss(
-    model: EditModel, batch: TrainBatch, cond: Conditioning, weighting: str = "flow"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean loss over samples, and the per-sample losses (B,) for logging by task and K.
+    model: EditModel,
+    batch: TrainBatch,
+    cond: Conditioning,
+    weighting: str = "flow",
+    object_weight: float = 0.0,
+    routing: float = 0.0,
+) -> LossParts:
+    """Mean loss over samples, plus ``routing`` times the routing loss.
 
     ``flow``: ``mean‖v̂ − (ε − x_0)‖²``; ``x0``: the same times σ², which is the MSE of the implied
-    clean estimate ``x̂_0 = x_t − σ·v̂`` (the natural loss of an x̂_0-predicting model).
+    clean estimate ``x̂_0 = x_t − σ·v̂`` (the natural loss of an x̂_0-predicting model). With
+    ``object_weight`` w, a token that an object covers counts 1 + w times in its sample's mean.
     """
-    v_hat = batch.packed.target_tokens(model.velocity(batch.packed, cond, batch.sigma))
-    per_sample = torch.stack(
-        [(vh.float() - vt.to(vh.device).float()).pow(2).mean() for vh, vt in zip(v_hat, batch.target_v, strict=True)]
-    )
+    hook = contextlib.nullcontext()
+    router = None
+    if routing > 0:
+        attach = getattr(model, "attention_hook", None)
+        if attach is None:
+            raise ConfigError(f"loss.routing: the {type(model).__name__} adapter does not expose its attention")
+        spans = batch.packed.tokens.spans
+        router = RoutingLoss(
+            batch.routes, spans, [s.grids for s in batch.packed.sequences], batch.packed.tokens.values.shape[1]
+        )
+        hook = attach(router)
+    with hook:
+        v_hat = batch.packed.target_tokens(model.velocity(batch.packed, cond, batch.sigma))
+    losses = []
+    for vh, vt, objects in zip(v_hat, batch.target_v, batch.object_masks, strict=True):
+        err = (vh.float() - vt.to(vh.device).float()).pow(2).mean(-1)
+        if object_weight and objects is not None:
+            weights = 1.0 + object_weight * objects.to(err.device).float()
+            losses.append((err * weights).sum() / weights.sum())
+        else:
+            losses.append(err.mean())
+    per_sample = torch.stack(losses)
     if weighting == "x0":
         per_sample = per_sample * batch.sigma.to(per_sample.device).float() ** 2
-    return per_sample.mean(), per_sample.detach()
+    total = per_sample.mean()
+    route = router.loss if router is not None else None
+    if route is not None:
+        total = total + routing * route
+    return LossParts(total, per_sample.detach(), None if route is None else route.detach())

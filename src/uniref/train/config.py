@@ -85,6 +85,12 @@ class LossSection(StrictModel):
     )
     logit_mean: float = 0.0
     logit_std: float = Field(1.0, gt=0)
+    object_weight: float = Field(
+        0.0, ge=0, description="scene samples: a target token an object covers counts 1 + this in the mean"
+    )
+    routing: float = Field(
+        0.0, ge=0, description="weight of the routing loss (uniref.train.routing): object tokens read their source"
+    )
 
 
 class LogSection(StrictModel):

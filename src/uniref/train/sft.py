@@ -94,13 +94,18 @@ def train_sft(config: SFTConfig, hooks: Any = None) -> RunSummary:
             indices, samples, prepared = next(loader)
             batch, cond = prepared or prepare(indices, samples, rt.accelerator.autocast)
             with rt.accelerator.autocast():
-                loss, per_sample = flow_loss(model, batch, cond, config.loss.weighting)
-            stats = rt.optimizer_step(loss)
-            mean_loss = float(rt.mean_across(loss))
+                parts = flow_loss(
+                    model, batch, cond, config.loss.weighting, config.loss.object_weight, config.loss.routing
+                )
+            stats = rt.optimizer_step(parts.total)
+            per_sample = parts.per_sample
+            mean_loss = float(rt.mean_across(parts.per_sample.mean()))
             losses.append(mean_loss)
             seconds = time.perf_counter() - tick
             if rt.is_main and (step + 1) % config.log.log_every == 0:
                 scalars = {"loss": mean_loss, "stage": index, "budget": stage.budget}
+                if parts.routing is not None:
+                    scalars["loss/routing"] = float(rt.mean_across(parts.routing))
                 scalars["tokens_per_s"] = batch.real_tokens * rt.world / seconds
                 scalars["real_token_fraction"] = batch.packed.real_fraction
                 scalars["skipped_nonfinite"] = rt.skipped_nonfinite

@@ -1,0 +1,187 @@
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from test_sft import _config
+from uniref.data import TaskConfig, generate, parse_tasks
+from uniref.data.scenes import SceneObject
+from uniref.errors import ConfigError
+from uniref.models.tiny import TinyConfig, build_tiny
+from uniref.sequence import attention_mask
+from uniref.train.batch import flow_loss, make_batch
+from uniref.train.routing import PackedRoutes, Route, object_token_mask, pack_routes, routing_loss, sample_routes
+from uniref.train.sft import train_sft
+
+SMALL = TinyConfig(width=32, depth=3, heads=2, rope_axes=(4, 6, 6), text_layers=1, mlp_ratio=2.0)
+
+
+def _samples(task: str, n: int, max_refs: int = 4, start: int = 0) -> list:
+    return [generate(start + i, TaskConfig(parse_tasks(task), max_refs)) for i in range(n)]
+
+
+def _grid(size: tuple[int, int], cell: int = 8) -> tuple[int, int]:
+    return size[1] // cell, size[0] // cell
+
+
+def _centre_token(obj: SceneObject, width: int, height: int, grid: tuple[int, int]) -> int:
+    return int(obj.cy * grid[0]) * grid[1] + int(obj.cx * grid[1])
+
+
+def test_routes_link_each_placed_object_to_its_source_object_in_its_reference() -> None:
+    samples = [s for s in _samples("compose", 12) if s.k >= 3]
+    assert samples
+    for s in samples:
+        grids = [_grid(s.target.size)] + [_grid(r.size) for r in s.refs]
+        routes = sample_routes(s.spec, grids)
+        placed = s.spec["target"]["scene"]["objects"]
+        object_refs = [
+            (i, part["object"])
+            for i, r in enumerate(s.spec["refs"])
+            for part in r["contributes"]
+            if part["what"] == "object"
+        ]
+        assert [(r.ref, None) for r in routes] == [(i, None) for i, _ in object_refs]
+        for route, (i, j) in zip(routes, object_refs, strict=True):
+            target_obj = SceneObject(**placed[j])
+            t = s.spec["target"]
+            assert _centre_token(target_obj, t["width"], t["height"], grids[0]) in route.target_tokens.tolist()
+            ref = s.spec["refs"][i]
+            source = [SceneObject(**o) for o in ref["scene"]["objects"] if o["shape"] == placed[j]["shape"]]
+            assert len(source) == 1  # distractors never share the placed object's shape
+            assert _centre_token(source[0], ref["width"], ref["height"], grids[i + 1]) in route.ref_tokens.tolist()
+            assert route.ref_tokens.max() < grids[i + 1][0] * grids[i + 1][1]
+
+
+def test_donors_and_specless_samples_give_no_route() -> None:
+    transfer = _samples("transfer", 8, max_refs=4)
+    for s in transfer:
+        grids = [_grid(s.target.size)] + [_grid(r.size) for r in s.refs]
+        donors = [i for i, r in enumerate(s.spec["refs"]) if r["contributes"][0]["what"] in ("colour", "pattern")]
+        assert donors and all(r.ref not in donors for r in sample_routes(s.spec, grids))
+    assert sample_routes({}, [(4, 4), (4, 4)]) == []
+    assert object_token_mask({}, (4, 4)) is None
+
+
+def test_object_mask_covers_every_target_object_and_little_else() -> None:
+    s = _samples("edit", 1, start=3)[0]
+    grid = _grid(s.target.size)
+    mask = object_token_mask(s.spec, grid)
+    assert mask is not None and mask.shape == (grid[0] * grid[1],)
+    t = s.spec["target"]
+    for o in t["scene"]["objects"]:
+        assert mask[_centre_token(SceneObject(**o), t["width"], t["height"], grid)]
+    assert 0 < mask.float().mean() < 0.8
+
+
+def test_routing_loss_is_minus_log_of_the_share_given_to_the_source() -> None:
+    # One row: text (1 token), target (2 tokens), a reference of 4 keys; query = target token 0.
+    length, dim = 7, 4
+    q = torch.zeros(1, 2, length, dim)
+    k = torch.zeros(1, 2, length, dim)
+    mask = attention_mask(torch.zeros(1, length, dtype=torch.long))
+    good = torch.zeros(1, 1, length, dtype=torch.bool)
+    good[0, 0, 3] = True
+    refs = torch.zeros(1, 1, length, dtype=torch.bool)
+    refs[0, 0, 3:] = True
+    routes = PackedRoutes(torch.tensor([[1]]), torch.tensor([[True]]), good, refs)
+    # Equal logits: the share is 1 of 4 reference keys whatever the other keys take.
+    assert float(routing_loss(q, k, mask, routes)) == pytest.approx(math.log(4), abs=1e-4)
+    # Head 0 fetches the source key hard, head 1 stays uniform: the mean share is (1 + 1/4) / 2.
+    q[0, 0, 1, 0], k[0, 0, 3, 0] = 30.0, 30.0
+    assert float(routing_loss(q, k, mask, routes)) == pytest.approx(-math.log(0.625), abs=1e-3)
+
+
+def test_pack_routes_points_at_the_right_samples_tokens() -> None:
+    routes = [[Route(torch.tensor([0, 1]), 1, torch.tensor([2]))], [], [Route(torch.tensor([3]), 0, torch.tensor([0]))]]
+    grids = [[(1, 2), (1, 1), (1, 3)], [(1, 1), (1, 1)], [(2, 2), (1, 2)]]
+    spans = [(0, 0, 6), (0, 6, 2), (1, 0, 6)]
+    packed = pack_routes(routes, spans, grids, text_len=5, row_len=11, rows=2)
+    assert packed is not None
+    assert packed.queries.tolist() == [[5, 6], [8, 0]] and packed.valid.tolist() == [[True, True], [True, False]]
+    # Sample 0's reference 2 (1x3 grid) starts after the target (2) and reference 1 (1): token 2 -> 5 + 5.
+    assert torch.nonzero(packed.good[0, 0])[:, 0].tolist() == [10]
+    assert torch.nonzero(packed.refs[0, 0])[:, 0].tolist() == [7, 8, 9, 10]
+    assert torch.nonzero(packed.good[1, 0])[:, 0].tolist() == [9]  # sample 2: target 4 tokens, then ref 1
+    assert pack_routes([[], []], spans[:2], grids[:2], 5, 11, 1) is None
+
+
+def _batch(model, seed: int = 0) -> tuple:
+    samples = _samples("compose", 4, max_refs=3, start=seed)
+    batch = make_batch(model, samples, 48 * 48, 48 * 48, list(range(len(samples))))
+    return batch, model.encode_condition(batch.instructions, batch.refs, batch.ref_sizes)
+
+
+def test_routing_and_object_weight_off_give_the_plain_loss_and_on_train_the_attention() -> None:
+    model = build_tiny(SMALL, seed=1)
+    batch, cond = _batch(model)
+    plain = flow_loss(model, batch, cond, "x0")
+    assert plain.routing is None
+    errors = []
+    v_hat = batch.packed.target_tokens(model.velocity(batch.packed, cond, batch.sigma))
+    for vh, vt in zip(v_hat, batch.target_v, strict=True):
+        errors.append((vh - vt).pow(2).mean())
+    expected = (torch.stack(errors) * batch.sigma**2).mean()
+    assert torch.allclose(plain.total, expected, atol=1e-6)
+
+    weighted = flow_loss(model, batch, cond, "x0", object_weight=3.0)
+    assert not torch.allclose(weighted.total, plain.total)
+
+    routed = flow_loss(model, batch, cond, "x0", routing=1.0)
+    assert routed.routing is not None and float(routed.routing) > 0
+    assert torch.allclose(routed.total, plain.total + routed.routing, atol=1e-5)
+    # The routing term reaches the attention's queries and keys, never the output head.
+    weights = [model.net.blocks[1].img.qkv.weight, model.net.out.weight]
+    with_routing = torch.autograd.grad(routed.total, weights)
+    without = torch.autograd.grad(flow_loss(model, batch, cond, "x0").total, weights)
+    assert not torch.allclose(with_routing[0], without[0])
+    assert torch.allclose(with_routing[1], without[1], atol=1e-7)
+    assert all(block.on_attention is None for block in model.net.blocks)  # the hook is removed after use
+
+
+def test_a_few_steps_of_the_routing_loss_raise_the_share(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = build_tiny(SMALL, seed=2)
+    model.net.train()
+    batch, cond = _batch(model, seed=10)
+    optimiser = torch.optim.Adam(model.net.parameters(), lr=3e-3)
+    shares = []
+    for _ in range(25):
+        parts = flow_loss(model, batch, cond, "x0", routing=1.0)
+        shares.append(float(np.exp(-float(parts.routing))))
+        optimiser.zero_grad()
+        parts.total.backward()
+        optimiser.step()
+    assert shares[-1] > 1.5 * shares[0]
+
+
+def test_routing_needs_an_adapter_that_exposes_its_attention() -> None:
+    model = build_tiny(SMALL, seed=1)
+    batch, cond = _batch(model)
+
+    class Opaque:
+        spec = model.spec
+
+        def velocity(self, *args):
+            return model.velocity(*args)
+
+    with pytest.raises(ConfigError, match="does not expose its attention"):
+        flow_loss(Opaque(), batch, cond, routing=0.5)  # type: ignore[arg-type]
+
+
+def test_sft_with_routing_logs_the_routing_loss_and_resumes_the_same(tmp_path: Path) -> None:
+    extra = [
+        "model.tiny={width: 32, depth: 2, heads: 2, rope_axes: [4, 6, 6], text_layers: 1, mlp_ratio: 2}",
+        "data.task_mix={compose: 1.0}",
+        "loss.routing=0.2",
+        "loss.object_weight=2.0",
+    ]
+    straight = train_sft(_config(tmp_path / "a", *extra, "train.max_steps=4"))
+    train_sft(_config(tmp_path / "b", *extra, "train.max_steps=2"))
+    resumed = train_sft(_config(tmp_path / "b", *extra, "train.max_steps=4"))
+    assert resumed.losses == straight.losses[2:]
+    rows = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["loss/routing"] > 0 for r in rows)
