@@ -8,7 +8,7 @@ from its checkpoint: a probe is the first minutes of that run.
 
 Rounds: ``levers`` trains the recipe's levers from scratch (codec, binding); ``routing`` fine-tunes the
 second shipped ``tiny`` (commit c632883, materialised from git so a rerun starts from the same weights
-whatever is shipped now) on a compose-heavy mix with and without the routing loss.
+whatever is shipped now) at 128² on a compose-heavy mix with and without the routing loss.
 
     python -m benchmarks.ablations probes --round levers --minutes 30
     python -m benchmarks.ablations probes --round routing --minutes 50
@@ -44,7 +44,7 @@ ROUNDS = {
     },
     "routing": {
         "ft_plain": "fine-tune, plain loss",
-        "ft_route": "fine-tune, routing 0.1 + object tokens x3",
+        "ft_route": "fine-tune, routing 0.2 + object tokens x3",
     },
 }
 SECTIONS = {"levers": "probes", "routing": "probes_routing"}
@@ -168,7 +168,7 @@ def run(args: argparse.Namespace) -> None:
     start = (
         "trains from scratch"
         if args.round == "levers"
-        else "fine-tunes the `tiny` weights shipped at commit c632883 (compose-heavy mix, 64²)"
+        else "fine-tunes the `tiny` weights shipped at commit c632883 (compose-heavy mix, 128²)"
     )
     title = "the new tiny recipe's levers" if args.round == "levers" else "routing supervision on the shipped model"
     write(
