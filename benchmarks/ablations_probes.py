@@ -48,6 +48,7 @@ ROUNDS = {
     },
 }
 SECTIONS = {"levers": "probes", "routing": "probes_routing"}
+VAL_SETS = {"levers": "edit + compose", "routing": "of the edit family and as many of the compose family"}
 # Starting weights of fine-tuning rounds: folder (as the configs name it) -> the commit that shipped them.
 BASES = {"runs/probes/base_tiny": "c632883"}
 K_COLUMNS = (("1", (1,)), ("2", (2,)), ("3", (3,)), ("4–6", (4, 5, 6)))
@@ -124,9 +125,10 @@ def export_probe(name: str, step: int) -> Path:
     return out
 
 
-def val_samples(n: int) -> list:
-    config = TaskConfig(tasks=parse_tasks("edit,compose"), max_refs=6, size_range=SizeRange(48, 160))
-    return split_samples("val", n, config)
+def val_samples(n: int, families: tuple[str, ...] = ("edit,compose",)) -> list:
+    """The first ``n`` validation samples of each task family in ``families`` (K <= 6)."""
+    configs = [TaskConfig(tasks=parse_tasks(f), max_refs=6, size_range=SizeRange(48, 160)) for f in families]
+    return [s for config in configs for s in split_samples("val", n, config)]
 
 
 def k_overall(report: EvalReport, ks: tuple[int, ...]) -> str:
@@ -144,7 +146,8 @@ def run(args: argparse.Namespace) -> None:
     missing = [n for n in names if not probe_done(n, args.minutes)]
     if missing:
         raise SystemExit(f"probes not trained for {args.minutes} min: {', '.join(missing)} (rerun without --no-train)")
-    samples = val_samples(args.n)
+    # The routing round is about compositions: as many of them as single edits, not 3 in 10.
+    samples = val_samples(args.n) if args.round == "levers" else val_samples(args.n, ("edit", "compose"))
     reports: dict[str, EvalReport] = {}
     rows = []
     evaluated = common_step(names)
@@ -179,7 +182,7 @@ def run(args: argparse.Namespace) -> None:
         f"time, {args.jobs} at once on {args.threads} thread(s) each (so steps/s are under that shared load), "
         f"and is scored with its EMA weights at step {evaluated}, the last step all arms reached (equal "
         f"steps: per-step costs are in the steps/s column), on the first {args.n} **validation** samples "
-        f"(edit + compose, K ≤ 6). `overall` = √(instruction · worst ref) per sample.\n\n"
+        f"({VAL_SETS[args.round]}, K ≤ 6). `overall` = √(instruction · worst ref) per sample.\n\n"
         + markdown_table(header, rows)
         + f"\n\n![probe samples](ablations/{figure})\n",
     )
