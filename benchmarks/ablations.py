@@ -200,16 +200,19 @@ def baseline_rows(baselines: dict[str, EvalReport], blanks: int) -> list[list[st
     return [[f"*baseline: {name}*"] + [""] * blanks + metric_cells(report) for name, report in baselines.items()]
 
 
-def sample_grid(samples: Sequence[Sample], reports: dict[str, EvalReport], out: Path) -> None:
-    """Rows: references | each arm's output (in ``reports`` order) | target."""
+def sample_grid(
+    samples: Sequence[Sample], reports: dict[str, EvalReport], out: Path, indices: Sequence[int] | None = None
+) -> None:
+    """Rows: references | each arm's output (in ``reports`` order) | target, for the samples at
+    ``indices`` (default: the first GRID_ROWS)."""
     names = list(reports)
     rows = [
         SheetRow(
-            list(s.refs),
-            [reports[n].outputs[i] for n in names] + [s.target],
-            f"[{s.task}] {s.instruction}",
+            list(samples[i].refs),
+            [reports[n].outputs[i] for n in names] + [samples[i].target],
+            f"[{samples[i].task}] {samples[i].instruction}",
         )
-        for i, s in enumerate(samples[:GRID_ROWS])
+        for i in (indices if indices is not None else range(min(GRID_ROWS, len(samples))))
     ]
     out.parent.mkdir(parents=True, exist_ok=True)
     save_image(draw_sheet(rows), out)

@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from benchmarks._report import markdown_table
-from benchmarks.ablations import FIGURES, ROOT, eval_model, read_metrics, sample_grid, train_hours, write
+from benchmarks.ablations import FIGURES, GRID_ROWS, ROOT, eval_model, read_metrics, sample_grid, train_hours, write
 from uniref.config import read_yaml
 from uniref.data import SizeRange, TaskConfig, parse_tasks
 from uniref.data.splits import split_samples
@@ -159,6 +159,10 @@ def run(args: argparse.Namespace) -> None:
         hours = train_hours(history)
         rate = f"{steps / max(hours * 3600, 1e-9):.2f}"
         rows.append([arms[name], steps, rate, evaluated] + _score_cells(report))
+    for folder in sorted({str(read_yaml(CONFIGS / f"{n}.yaml")["model"]["name"]) for n in names} & set(BASES)):
+        report, _ = eval_model(ROOT / folder, samples)  # where a fine-tuning round starts from
+        reports[f"start ({BASES[folder]})"] = report
+        rows.append([f"*start: the weights of {BASES[folder]}*", 0, "", 0] + _score_cells(report))
     for base, report in evaluate_baselines(samples).items():
         rows.append([f"*baseline: {base}*", "", "", ""] + _score_cells(report))
     header = ["arm", "steps trained", "steps/s", "evaluated step", "overall"]
@@ -166,7 +170,10 @@ def run(args: argparse.Namespace) -> None:
     header += ["worst ref", "instruction"]
     section = SECTIONS[args.round]
     figure = f"{section}_samples.png"
-    sample_grid(samples, reports, FIGURES / figure)
+    # The routing round's samples are edits then compositions: show some of each.
+    half = GRID_ROWS // 2
+    shown = None if args.round == "levers" else [*range(half), *range(args.n, args.n + half)]
+    sample_grid(samples, reports, FIGURES / figure, shown)
     configs = ", ".join(f"`configs/probes/{n}.yaml`" for n in names)
     start = (
         "trains from scratch"
