@@ -1,0 +1,90 @@
+"""Why compositions fail, per model (issue 17 §2–3): where placed objects look, and what of them survives.
+
+For each model folder, on the first ``--n`` validation compositions (K <= 4) and ``--n``/2 single edits:
+
+* **routing share**: of the attention a placed object's tokens give to reference tokens, the share on
+  its source object (``uniref.train.routing``; exp of minus the routing loss, so a geometric mean),
+  beside the share a uniform reader of every reference token would give;
+* **object scores** of the compositions' placed objects (``uniref.rewards``): IoU, colour, placement and
+  pattern, each as a mean and as the fraction >= 0.5, and the background score;
+* ``overall`` (√(instruction · worst ref)) by family.
+
+    python -m benchmarks.routing_diagnostics runs/probes/base_tiny runs/probes/ft_route/export_step_00000900
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks.ablations import eval_model
+from uniref.data import SizeRange, TaskConfig, parse_tasks
+from uniref.data.sample import Sample
+from uniref.data.splits import split_samples
+from uniref.models.tiny import load_tiny_folder
+from uniref.rewards.metrics import Scorer, _as_array, _as_image, analysis_sigma, gaussian_blur
+from uniref.train.batch import flow_loss, make_batch
+from uniref.train.routing import pack_routes
+
+
+def routing_share(folder: str | Path, samples: Sequence[Sample], budget: int) -> tuple[float, float]:
+    """(model's share, uniform share) over the placed objects of ``samples`` at noise seed 0."""
+    model = load_tiny_folder(folder)
+    batch = make_batch(model, samples, budget**2, budget**2, list(range(len(samples))))
+    cond = model.encode_condition(batch.instructions, batch.refs, batch.ref_sizes)
+    with torch.no_grad():
+        parts = flow_loss(model, batch, cond, "x0", routing=1.0)
+    tokens = batch.packed.tokens.values
+    grids = [s.grids for s in batch.packed.sequences]
+    packed = pack_routes(batch.routes, batch.packed.tokens.spans, grids, 0, tokens.shape[1], tokens.shape[0])
+    assert packed is not None and parts.routing is not None
+    uniform = (packed.good.sum(-1).float() / packed.refs.sum(-1).float())[packed.valid].mean()
+    return float(torch.exp(-parts.routing)), float(uniform)
+
+
+def object_scores(samples: Sequence[Sample], outputs: Sequence) -> dict[str, list[float]]:
+    """Every placed object's score parts, and each sample's background score."""
+    parts: dict[str, list[float]] = {"iou": [], "colour": [], "placement": [], "pattern": [], "background": []}
+    for sample, output in zip(samples, outputs, strict=True):
+        scorer = Scorer(sample)
+        image = _as_image(output)
+        view = scorer.view(analysis_sigma(scorer.size, image.size))
+        blurred = gaussian_blur(_as_array(image, scorer.size), view.sigma)
+        for ref in view.objects:
+            score = scorer._object_score(ref, blurred)
+            for key in ("iou", "colour", "placement", "pattern"):
+                parts[key].append(getattr(score, key))
+        parts["background"].append(scorer._background_score(blurred, view.target))
+    return parts
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("models", nargs="+", help="tiny model folders")
+    parser.add_argument("--n", type=int, default=24, help="validation compositions (and half as many edits)")
+    parser.add_argument("--budget", type=int, default=128, help="reference and output budget side")
+    args = parser.parse_args(argv)
+    sizes = SizeRange(48, 160)
+    compositions = split_samples("val", args.n, TaskConfig(parse_tasks("compose"), 4, sizes))
+    edits = split_samples("val", args.n // 2, TaskConfig(parse_tasks("edit"), 4, sizes))
+    for folder in args.models:
+        report, _ = eval_model(folder, compositions + edits, budget=args.budget)
+        comp = report.records[: len(compositions)]
+        parts = object_scores(compositions, report.outputs[: len(compositions)])
+        share, uniform = routing_share(folder, compositions, args.budget)
+        print(f"{folder} @{args.budget}²")
+        print(f"  routing share {share:.3f} (uniform {uniform:.3f})")
+        print(
+            f"  overall: compositions {np.mean([r.score.overall for r in comp]):.3f} (n={len(comp)}), "
+            f"edits {np.mean([r.score.overall for r in report.records[len(compositions) :]]):.3f} (n={len(edits)})"
+        )
+        cells = [f"{k} {np.mean(v):.3f} (≥0.5: {np.mean(np.asarray(v) >= 0.5):.2f})" for k, v in parts.items()]
+        print(f"  {len(parts['iou'])} placed objects: " + ", ".join(cells), flush=True)
+
+
+if __name__ == "__main__":
+    main()
