@@ -1,6 +1,7 @@
 """Why compositions fail, per model (issue 17 §2–3): where placed objects look, and what of them survives.
 
-For each model folder, on the first ``--n`` validation compositions (K <= 4) and ``--n``/2 single edits:
+For each model folder, on the first ``--n`` validation compositions (``compose``, K <= ``--max-refs``) and
+``--n``/2 single edits (``--edits``: the edit family or some of its tasks):
 
 * **routing share**: of the attention a placed object's tokens give to reference tokens, the share on
   its source object (``uniref.train.routing``; exp of minus the routing loss, so a geometric mean),
@@ -46,15 +47,16 @@ def routing_share(folder: str | Path, samples: Sequence[Sample], budget: int) ->
     return float(torch.exp(-parts.routing)), float(uniform)
 
 
-def object_scores(samples: Sequence[Sample], outputs: Sequence) -> dict[str, list[float]]:
-    """Every placed object's score parts, and each sample's background score."""
+def object_scores(samples: Sequence[Sample], outputs: Sequence, last_only: bool = False) -> dict[str, list[float]]:
+    """Every placed object's score parts (``last_only``: the last object of each target, the one an
+    `add` adds), and each sample's background score."""
     parts: dict[str, list[float]] = {"iou": [], "colour": [], "placement": [], "pattern": [], "background": []}
     for sample, output in zip(samples, outputs, strict=True):
         scorer = Scorer(sample)
         image = _as_image(output)
         view = scorer.view(analysis_sigma(scorer.size, image.size))
         blurred = gaussian_blur(_as_array(image, scorer.size), view.sigma)
-        for ref in view.objects:
+        for ref in view.objects[-1:] if last_only else view.objects:
             score = scorer._object_score(ref, blurred)
             for key in ("iou", "colour", "placement", "pattern"):
                 parts[key].append(getattr(score, key))
@@ -67,14 +69,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("models", nargs="+", help="tiny model folders")
     parser.add_argument("--n", type=int, default=24, help="validation compositions (and half as many edits)")
     parser.add_argument("--budget", type=int, default=128, help="reference and output budget side")
+    parser.add_argument("--max-refs", type=int, default=4, help="largest K of the compositions")
+    parser.add_argument("--edits", default="edit", help="edit tasks, e.g. 'add' or 'recolour,move'")
     args = parser.parse_args(argv)
     sizes = SizeRange(48, 160)
-    compositions = split_samples("val", args.n, TaskConfig(parse_tasks("compose"), 4, sizes))
-    edits = split_samples("val", args.n // 2, TaskConfig(parse_tasks("edit"), 4, sizes))
+    compositions = split_samples("val", args.n, TaskConfig(parse_tasks("compose"), args.max_refs, sizes))
+    edits = split_samples("val", args.n // 2, TaskConfig(parse_tasks(args.edits), args.max_refs, sizes))
     for folder in args.models:
         report, _ = eval_model(folder, compositions + edits, budget=args.budget)
         comp = report.records[: len(compositions)]
         parts = object_scores(compositions, report.outputs[: len(compositions)])
+        added = (
+            object_scores(edits, report.outputs[len(compositions) :], last_only=True) if args.edits == "add" else None
+        )
         share, uniform = routing_share(folder, compositions, args.budget)
         print(f"{folder} @{args.budget}²")
         print(f"  routing share {share:.3f} (uniform {uniform:.3f})")
@@ -84,6 +91,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
         cells = [f"{k} {np.mean(v):.3f} (≥0.5: {np.mean(np.asarray(v) >= 0.5):.2f})" for k, v in parts.items()]
         print(f"  {len(parts['iou'])} placed objects: " + ", ".join(cells), flush=True)
+        if added is not None:
+            cells = [f"{k} {np.mean(v):.3f} (≥0.5: {np.mean(np.asarray(v) >= 0.5):.2f})" for k, v in added.items()]
+            print(f"  {len(added['iou'])} objects drawn by `add`: " + ", ".join(cells), flush=True)
 
 
 if __name__ == "__main__":
