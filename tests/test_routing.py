@@ -185,3 +185,16 @@ def test_sft_with_routing_logs_the_routing_loss_and_resumes_the_same(tmp_path: P
     assert resumed.losses == straight.losses[2:]
     rows = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["loss/routing"] > 0 for r in rows)
+
+
+def test_routing_diagnostics_reports_share_scores_and_overall(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from benchmarks import routing_diagnostics
+
+    folder = build_tiny(SMALL, seed=3).save(tmp_path / "model", target_budget=48 * 48, ref_budget=48 * 48)
+    routing_diagnostics.main([str(folder), "--n", "2", "--budget", "48", "--max-refs", "2", "--edits", "add"])
+    out = capsys.readouterr().out
+    share = float(out.split("routing share ")[1].split()[0])
+    uniform = float(out.split("(uniform ")[1].split(")")[0])
+    assert 0 < share <= 1 and 0 < uniform <= 1
+    assert "placed objects: iou" in out and "objects drawn by `add`: iou" in out
+    assert "compositions" in out and "(n=2)" in out and "(n=1)" in out
