@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.ablations import eval_model
+from benchmarks.ablations import eval_model, sample_grid
 from uniref.data import SizeRange, TaskConfig, parse_tasks
 from uniref.data.sample import Sample
 from uniref.data.splits import split_samples
@@ -71,12 +71,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--budget", type=int, default=128, help="reference and output budget side")
     parser.add_argument("--max-refs", type=int, default=4, help="largest K of the compositions")
     parser.add_argument("--edits", default="edit", help="edit tasks, e.g. 'add' or 'recolour,move'")
+    parser.add_argument("--baselines", action="store_true", help="also score the trivial outputs")
+    parser.add_argument("--grid", type=Path, help="also draw references | each model's output | target here")
     args = parser.parse_args(argv)
     sizes = SizeRange(48, 160)
     compositions = split_samples("val", args.n, TaskConfig(parse_tasks("compose"), args.max_refs, sizes))
     edits = split_samples("val", args.n // 2, TaskConfig(parse_tasks(args.edits), args.max_refs, sizes))
+    reports = {}
     for folder in args.models:
         report, _ = eval_model(folder, compositions + edits, budget=args.budget)
+        reports[folder] = report
         comp = report.records[: len(compositions)]
         parts = object_scores(compositions, report.outputs[: len(compositions)])
         added = (
@@ -94,6 +98,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         if added is not None:
             cells = [f"{k} {np.mean(v):.3f} (≥0.5: {np.mean(np.asarray(v) >= 0.5):.2f})" for k, v in added.items()]
             print(f"  {len(added['iou'])} objects drawn by `add`: " + ", ".join(cells), flush=True)
+
+    if args.baselines:
+        from uniref.eval import evaluate_baselines
+
+        for name, report in evaluate_baselines(compositions + edits).items():
+            comp, rest = report.records[: len(compositions)], report.records[len(compositions) :]
+            print(
+                f"baseline {name}: overall compositions {np.mean([r.score.overall for r in comp]):.3f}, "
+                f"edits {np.mean([r.score.overall for r in rest]):.3f}"
+            )
+    if args.grid:  # four compositions, then two edits
+        sample_grid(compositions + edits, reports, args.grid, [0, 1, 2, 3, len(compositions), len(compositions) + 1])
+        print(f"wrote {args.grid}")
 
 
 if __name__ == "__main__":
