@@ -133,10 +133,7 @@ def flow_loss(
         attach = getattr(model, "attention_hook", None)
         if attach is None:
             raise ConfigError(f"loss.routing: the {type(model).__name__} adapter does not expose its attention")
-        spans = batch.packed.tokens.spans
-        router = RoutingLoss(
-            batch.routes, spans, [s.grids for s in batch.packed.sequences], batch.packed.tokens.values.shape[1]
-        )
+        router = RoutingLoss(batch.routes, batch.packed)
         hook = attach(router)
     with hook:
         v_hat = batch.packed.target_tokens(model.velocity(batch.packed, cond, batch.sigma))

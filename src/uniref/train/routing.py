@@ -32,6 +32,7 @@ import torch
 
 from uniref.budget import Size
 from uniref.data.scenes import SceneObject
+from uniref.sequence import PackedBatch
 
 ROUTE_EPS = 1e-6
 
@@ -170,14 +171,8 @@ class RoutingLoss:
     """An attention hook (``model.attention_hook``) that adds one :func:`routing_loss` term per block
     it sees for a packed batch; the text length is read off the block's sequence length."""
 
-    def __init__(
-        self,
-        routes: Sequence[Sequence[Route]],
-        spans: Sequence[tuple[int, int, int]],
-        grids: Sequence[Sequence[tuple[int, int]]],
-        image_len: int,
-    ) -> None:
-        self.routes, self.spans, self.grids, self.image_len = routes, spans, grids, image_len
+    def __init__(self, routes: Sequence[Sequence[Route]], batch: PackedBatch) -> None:
+        self.routes, self.batch = routes, batch
         self.packed: PackedRoutes | None = None
         self.terms: list[torch.Tensor] = []
         self.empty = not any(routes)
@@ -186,8 +181,9 @@ class RoutingLoss:
         if self.empty:
             return
         if self.packed is None:
-            text_len = q.shape[2] - self.image_len
-            packed = pack_routes(self.routes, self.spans, self.grids, text_len, q.shape[2], q.shape[0])
+            spans, grids = self.batch.tokens.spans, [seq.grids for seq in self.batch.sequences]
+            text_len = q.shape[2] - self.batch.tokens.values.shape[1]
+            packed = pack_routes(self.routes, spans, grids, text_len, q.shape[2], q.shape[0])
             assert packed is not None
             self.packed = packed.to(q.device)
         self.terms.append(routing_loss(q, k, mask, self.packed))
