@@ -27,7 +27,7 @@ from uniref.data import SizeRange, TaskConfig, parse_tasks
 from uniref.data.sample import Sample
 from uniref.data.splits import split_samples
 from uniref.models.tiny import load_tiny_folder
-from uniref.rewards.metrics import Scorer, _as_array, _as_image, analysis_sigma, gaussian_blur
+from uniref.rewards.metrics import Scorer
 from uniref.train.batch import flow_loss, make_batch
 from uniref.train.routing import pack_routes
 
@@ -52,16 +52,16 @@ def object_scores(samples: Sequence[Sample], outputs: Sequence, last_only: bool 
     `add` adds), and each sample's background score."""
     parts: dict[str, list[float]] = {"iou": [], "colour": [], "placement": [], "pattern": [], "background": []}
     for sample, output in zip(samples, outputs, strict=True):
-        scorer = Scorer(sample)
-        image = _as_image(output)
-        view = scorer.view(analysis_sigma(scorer.size, image.size))
-        blurred = gaussian_blur(_as_array(image, scorer.size), view.sigma)
-        for ref in view.objects[-1:] if last_only else view.objects:
-            score = scorer._object_score(ref, blurred)
+        objects, background = Scorer(sample).parts(output)
+        for score in objects[-1:] if last_only else objects:
             for key in ("iou", "colour", "placement", "pattern"):
                 parts[key].append(getattr(score, key))
-        parts["background"].append(scorer._background_score(blurred, view.target))
+        parts["background"].append(background)
     return parts
+
+
+def _cells(parts: dict[str, list[float]]) -> str:
+    return ", ".join(f"{k} {np.mean(v):.3f} (≥0.5: {np.mean(np.asarray(v) >= 0.5):.2f})" for k, v in parts.items())
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -93,11 +93,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"  overall: compositions {np.mean([r.score.overall for r in comp]):.3f} (n={len(comp)}), "
             f"edits {np.mean([r.score.overall for r in report.records[len(compositions) :]]):.3f} (n={len(edits)})"
         )
-        cells = [f"{k} {np.mean(v):.3f} (≥0.5: {np.mean(np.asarray(v) >= 0.5):.2f})" for k, v in parts.items()]
-        print(f"  {len(parts['iou'])} placed objects: " + ", ".join(cells), flush=True)
+        print(f"  {len(parts['iou'])} placed objects: {_cells(parts)}", flush=True)
         if added is not None:
-            cells = [f"{k} {np.mean(v):.3f} (≥0.5: {np.mean(np.asarray(v) >= 0.5):.2f})" for k, v in added.items()]
-            print(f"  {len(added['iou'])} objects drawn by `add`: " + ", ".join(cells), flush=True)
+            print(f"  {len(added['iou'])} objects drawn by `add`: {_cells(added)}", flush=True)
 
     if args.baselines:
         from uniref.eval import evaluate_baselines

@@ -392,11 +392,20 @@ class Scorer:
         expected = float(membership(under, colour).mean())
         return got <= expected + ABSENT_MARGIN
 
-    def __call__(self, output: Image.Image | np.ndarray) -> SampleScore:
+    def _analyse(self, output: Image.Image | np.ndarray) -> tuple[np.ndarray, np.ndarray, _View]:
+        """(output at the target size, the same at the analysis blur, the target's view at that blur)."""
         img = _as_image(output)
         view = self.view(analysis_sigma(self.size, img.size))
         sharp = _as_array(img, self.size)
-        out = gaussian_blur(sharp, view.sigma)
+        return sharp, gaussian_blur(sharp, view.sigma), view
+
+    def parts(self, output: Image.Image | np.ndarray) -> tuple[list[ObjectScore], float]:
+        """The score parts of every target object, and the background score (what ``__call__`` combines)."""
+        _, out, view = self._analyse(output)
+        return [self._object_score(r, out) for r in view.objects], self._background_score(out, view.target)
+
+    def __call__(self, output: Image.Image | np.ndarray) -> SampleScore:
+        sharp, out, view = self._analyse(output)
         objs = [self._object_score(r, out) for r in view.objects]
         bg = self._background_score(out, view.target)
         ref_scores = []
