@@ -73,29 +73,37 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--edits", default="edit", help="edit tasks, e.g. 'add' or 'recolour,move'")
     parser.add_argument("--baselines", action="store_true", help="also score the trivial outputs")
     parser.add_argument("--grid", type=Path, help="also draw references | each model's output | target here")
+    parser.add_argument(
+        "--guidance", default="", help="true-CFG scales to sample each model at, e.g. '1,2,3' (default: its own)"
+    )
     args = parser.parse_args(argv)
+    scales = [float(g) for g in args.guidance.split(",") if g.strip()] or [None]
     sizes = SizeRange(48, 160)
     compositions = split_samples("val", args.n, TaskConfig(parse_tasks("compose"), args.max_refs, sizes))
     edits = split_samples("val", args.n // 2, TaskConfig(parse_tasks(args.edits), args.max_refs, sizes))
     reports = {}
     for folder in args.models:
-        report, _ = eval_model(folder, compositions + edits, budget=args.budget)
-        reports[folder] = report
-        comp = report.records[: len(compositions)]
-        parts = object_scores(compositions, report.outputs[: len(compositions)])
-        added = (
-            object_scores(edits, report.outputs[len(compositions) :], last_only=True) if args.edits == "add" else None
-        )
         share, uniform = routing_share(folder, compositions, args.budget)
-        print(f"{folder} @{args.budget}²")
-        print(f"  routing share {share:.3f} (uniform {uniform:.3f})")
-        print(
-            f"  overall: compositions {np.mean([r.score.overall for r in comp]):.3f} (n={len(comp)}), "
-            f"edits {np.mean([r.score.overall for r in report.records[len(compositions) :]]):.3f} (n={len(edits)})"
-        )
-        print(f"  {len(parts['iou'])} placed objects: {_cells(parts)}", flush=True)
-        if added is not None:
-            print(f"  {len(added['iou'])} objects drawn by `add`: {_cells(added)}", flush=True)
+        for guidance in scales:
+            label = folder if guidance is None else f"{folder} guidance {guidance:g}"
+            report, _ = eval_model(folder, compositions + edits, budget=args.budget, guidance=guidance)
+            reports[label] = report
+            comp = report.records[: len(compositions)]
+            parts = object_scores(compositions, report.outputs[: len(compositions)])
+            added = (
+                object_scores(edits, report.outputs[len(compositions) :], last_only=True)
+                if args.edits == "add"
+                else None
+            )
+            print(f"{label} @{args.budget}²")
+            print(f"  routing share {share:.3f} (uniform {uniform:.3f})")
+            print(
+                f"  overall: compositions {np.mean([r.score.overall for r in comp]):.3f} (n={len(comp)}), "
+                f"edits {np.mean([r.score.overall for r in report.records[len(compositions) :]]):.3f} (n={len(edits)})"
+            )
+            print(f"  {len(parts['iou'])} placed objects: {_cells(parts)}", flush=True)
+            if added is not None:
+                print(f"  {len(added['iou'])} objects drawn by `add`: {_cells(added)}", flush=True)
 
     if args.baselines:
         from uniref.eval import evaluate_baselines

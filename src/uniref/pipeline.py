@@ -35,11 +35,8 @@ from uniref import flow
 from uniref.budget import Plan, PlanMode, Size, parse_budget, plan, plan_target
 from uniref.images import image_size, resize, to_pil, to_tensor
 from uniref.models import load_model
-from uniref.models.base import AUTO_DTYPE, Conditioning, EditModel, resolve_dtype
+from uniref.models.base import AUTO_DTYPE, DEFAULT_NEGATIVE, Conditioning, EditModel, resolve_dtype
 from uniref.sequence import PackedBatch, SelfSequence, build_sequence, pack_sequences
-
-# Qwen-Image's examples use a single space as the negative prompt.
-DEFAULT_NEGATIVE = " "
 
 
 @dataclass

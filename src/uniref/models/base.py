@@ -28,6 +28,8 @@ from uniref.sequence import PackedBatch
 __all__ = ["AUTO_DTYPE", "DTYPES", "Conditioning", "EditModel", "LatentSpec", "ScheduleSpec", "resolve_dtype"]
 
 AUTO_DTYPE = "auto"
+# Qwen-Image's examples use a single space as the negative prompt; trainers drop instructions to it.
+DEFAULT_NEGATIVE = " "
 # Names every entry point (CLI, Python, server) accepts for a weights dtype, besides "auto".
 DTYPES = {
     "fp32": torch.float32,

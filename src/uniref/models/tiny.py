@@ -102,6 +102,9 @@ class TinyConfig:
     ref_budget: int = 64 * 64  # stage-1 budget of the paper's 1024² analogue
     target_budget: int = 64 * 64
     plan_multiple: int = 8  # one token: unshuffle × patch
+    # The true-CFG scale the pipeline uses by default: > 1 only for weights trained with
+    # ``loss.instruction_dropout`` (the first shipped models were not, and sample unguided).
+    guidance: float = 1.0
     # Qwen-Image's resolution shift with sequence lengths scaled by 1/64 (a 64² tiny target has 64
     # tokens where a 1024² Qwen target has 4096): shift ≈ 2.0 at 64², 2.6 at 96², 3.7 at 128².
     schedule: dict[str, Any] = field(
@@ -418,10 +421,9 @@ class TinyModel(EditModel):
         self.name = name
         self.spec = config.spec()
         self.zero_cond_t = True
-        # DESIGN §7: sampler steps barely mattered for the tiny model (10 vs 40); it is trained
-        # without prompt dropout, so classifier-free guidance is off.
+        # DESIGN §7: sampler steps barely mattered for the tiny model (10 vs 40).
         self.default_steps = 20
-        self.default_guidance = 1.0
+        self.default_guidance = config.guidance
 
     @property
     def device(self) -> torch.device:

@@ -24,7 +24,7 @@ from uniref.budget import Size, plan, plan_target
 from uniref.data.sample import Sample
 from uniref.errors import ConfigError
 from uniref.images import image_size, resize, to_tensor
-from uniref.models.base import Conditioning, EditModel
+from uniref.models.base import DEFAULT_NEGATIVE, Conditioning, EditModel
 from uniref.sequence import PackedBatch, build_sequence, pack_sequences, patchify
 from uniref.train.routing import Route, RoutingLoss, object_token_mask, sample_routes
 
@@ -61,9 +61,12 @@ def make_batch(
     noise_seeds: Sequence[int],
     logit_mean: float = 0.0,
     logit_std: float = 1.0,
+    instruction_dropout: float = 0.0,
 ) -> TrainBatch:
     """Plan, encode, noise and pack ``samples``. Sample i's σ and ε come from a generator seeded with
-    ``noise_seeds[i]`` alone, so they do not depend on the batch, the process or a resume."""
+    ``noise_seeds[i]`` alone, so they do not depend on the batch, the process or a resume. With
+    ``instruction_dropout`` p, that generator also replaces a sample's instruction by the negative
+    prompt with probability p (its references stay), which is what true CFG contrasts with."""
     spec = model.spec
     ref_plans = [plan([image_size(r) for r in s.refs], ref_budget, spec.plan_multiple) for s in samples]
     targets = [plan_target(target_budget, spec.plan_multiple, like=image_size(s.target)) for s in samples]
@@ -77,7 +80,7 @@ def make_batch(
         latents = model.encode_images(images)
     ref_lat, target_lat = latents[: -len(samples)], latents[-len(samples) :]
 
-    sequences, target_v, sigmas = [], [], []
+    sequences, target_v, sigmas, instructions = [], [], [], []
     offset = 0
     for s, x_0, seed in zip(samples, target_lat, noise_seeds, strict=True):
         generator = torch.Generator().manual_seed(seed)
@@ -88,6 +91,8 @@ def make_batch(
         )
         noise = torch.randn(x_0.shape, generator=generator, dtype=torch.float32).to(x_0.device, x_0.dtype)
         x_t = flow.add_noise(x_0, noise, float(sigma))
+        dropped = float(torch.rand(1, generator=generator)) < instruction_dropout
+        instructions.append(DEFAULT_NEGATIVE if dropped else s.instruction)
         sequences.append(build_sequence(x_t, ref_lat[offset : offset + k], spec.patch_size, spec.centred_positions))
         target_v.append(patchify(flow.velocity_target(x_0, noise), spec.patch_size))
         sigmas.append(sigma)
@@ -96,7 +101,7 @@ def make_batch(
         packed=pack_sequences(sequences),
         sigma=torch.cat(sigmas),
         target_v=target_v,
-        instructions=[s.instruction for s in samples],
+        instructions=instructions,
         refs=[list(s.refs) for s in samples],
         ref_sizes=[list(p.sizes) for p in ref_plans],
         tasks=[s.task for s in samples],

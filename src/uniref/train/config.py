@@ -91,6 +91,9 @@ class LossSection(StrictModel):
     routing: float = Field(
         0.0, ge=0, description="weight of the routing loss (uniref.train.routing): object tokens read their source"
     )
+    instruction_dropout: float = Field(
+        0.0, ge=0, lt=1, description="share of samples trained on the negative prompt, so true CFG works"
+    )
 
 
 class LogSection(StrictModel):

@@ -73,6 +73,7 @@ def train_sft(config: SFTConfig, hooks: Any = None) -> RunSummary:
             [noise_seed(config.run.seed, i) for i in indices],
             config.loss.logit_mean,
             config.loss.logit_std,
+            config.loss.instruction_dropout,
         )
         with autocast():
             return batch, encoders.encode_condition(batch.instructions, batch.refs, batch.ref_sizes)
