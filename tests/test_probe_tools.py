@@ -1,0 +1,71 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from benchmarks.grow_tiny import deepen, main
+
+from uniref.data import TaskConfig, generate, parse_tasks
+from uniref.models.tiny import TinyConfig, build_tiny, load_tiny_folder
+from uniref.train.batch import make_batch
+
+SMALL = TinyConfig(width=32, depth=3, heads=2, rope_axes=(4, 6, 6), text_layers=1, mlp_ratio=2.0)
+
+
+def _x0(model, samples) -> torch.Tensor:
+    batch = make_batch(model, samples, 48 * 48, 48 * 48, list(range(len(samples))))
+    cond = model.encode_condition(batch.instructions, batch.refs, batch.ref_sizes)
+    with torch.no_grad():
+        return model.predict_x0(batch.packed, cond, batch.sigma)
+
+
+def test_a_deepened_model_computes_what_the_trained_one_did_and_its_new_blocks_learn(tmp_path: Path) -> None:
+    model = build_tiny(SMALL, seed=1)
+    with torch.no_grad():  # a trained model's gates are not zero; give the old blocks some
+        for block in model.net.blocks:
+            for stream in (block.img, block.txt):
+                stream.modulation.bias.normal_(0, 0.3)
+    samples = [generate(i, TaskConfig(parse_tasks("add,compose"), 3)) for i in range(4)]
+    deep = deepen(model, 5)
+    assert deep.config.depth == 5 and len(deep.net.blocks) == 5
+    torch.testing.assert_close(_x0(deep, samples), _x0(model, samples), rtol=1e-5, atol=1e-6)
+    # The new blocks are not dead: their zero modulation gets a gradient.
+    batch = make_batch(deep, samples, 48 * 48, 48 * 48, list(range(4)))
+    cond = deep.encode_condition(batch.instructions, batch.refs, batch.ref_sizes)
+    deep.net.train()
+    deep.predict_x0(batch.packed, cond, batch.sigma).square().mean().backward()
+    assert deep.net.blocks[3].img.modulation.weight.grad.abs().sum() > 0
+    main([str(model.save(tmp_path / "m")), "--depth", "4", "-o", str(tmp_path / "deep")])
+    assert load_tiny_folder(tmp_path / "deep").config.depth == 4
+    with pytest.raises(ValueError, match="already has 3 blocks"):
+        deepen(model, 2)
+
+
+def test_x0_trace_draws_one_row_per_composition_with_each_guess(tmp_path: Path, capsys) -> None:
+    from benchmarks import x0_trace
+    from PIL import Image
+
+    folder = build_tiny(SMALL, seed=3).save(tmp_path / "model", target_budget=48 * 48, ref_budget=48 * 48)
+    out = tmp_path / "trace.png"
+    x0_trace.main([str(folder), "--out", str(out), "--n", "2", "--budget", "48", "--at", "0,10"])
+    assert f"wrote {out}" in capsys.readouterr().out
+    sheet = Image.open(out)
+    assert sheet.width > 4 * 48 and sheet.height > 0
+
+
+def test_x0_trace_guesses_end_where_the_sampler_does(tmp_path: Path) -> None:
+    from benchmarks.x0_trace import trace
+
+    from uniref.budget import Size
+    from uniref.pipeline import EditPipeline
+
+    folder = build_tiny(SMALL, seed=3).save(tmp_path / "model", target_budget=48 * 48, ref_budget=48 * 48)
+    pipe = EditPipeline.from_pretrained(str(folder))
+    s = generate(0, TaskConfig(parse_tasks("compose"), 2))
+    guesses, sigmas, output = trace(pipe, s.instruction, list(s.refs), Size(*s.target.size), 48, [0, 19])
+    assert len(guesses) == 2 and sigmas[0] == 1.0 > sigmas[1]
+    # The traced loop is the pipeline's sampler: same output as a plain call, seed 0.
+    like = Size(*s.target.size)
+    plain = pipe.generate(s.instruction, list(s.refs), seed=0, budget=48, target_budget=48, target_like=like).images[0]
+    assert output.size == plain.size
+    assert np.abs(np.asarray(output, np.int16) - np.asarray(plain, np.int16)).max() <= 1
