@@ -23,9 +23,11 @@ import numpy as np
 import torch
 
 from benchmarks.ablations import eval_model, sample_grid
+from uniref.budget import plan, plan_target
 from uniref.data import SizeRange, TaskConfig, parse_tasks
 from uniref.data.sample import Sample
 from uniref.data.splits import split_samples
+from uniref.images import image_size
 from uniref.models.tiny import load_tiny_folder
 from uniref.rewards.metrics import Scorer
 from uniref.train.batch import flow_loss, make_batch
@@ -58,6 +60,32 @@ def object_scores(samples: Sequence[Sample], outputs: Sequence, last_only: bool 
                 parts[key].append(getattr(score, key))
         parts["background"].append(background)
     return parts
+
+
+def placed_object_facts(sample: Sample, budget: int) -> list[tuple[bool, float]]:
+    """Per placed object of a composition: does the instruction name its colour, and its diameter in
+    its (planned) reference over its diameter in the (planned) output (1: a copy at the same scale)."""
+    refs = plan([image_size(r) for r in sample.refs], budget**2, 8).sizes
+    out = plan_target(budget**2, 8, like=image_size(sample.target))
+    words = sample.instruction.split()
+    facts = []
+    for j, obj in enumerate(sample.spec["target"]["scene"]["objects"]):
+        i = next(i for i, r in enumerate(sample.spec["refs"]) if {"what": "object", "object": j} in r["contributes"])
+        # Distractors never share the shown object's shape; a transfer may have changed its colour.
+        shown = next(o for o in sample.spec["refs"][i]["scene"]["objects"] if o["shape"] == obj["shape"])
+        ratio = shown["size"] * min(refs[i].width, refs[i].height) / (obj["size"] * min(out.width, out.height))
+        facts.append((obj["colour"] in words, ratio))
+    return facts
+
+
+def _split(label: str, groups: dict[str, list[int]], parts: dict[str, list[float]]) -> str:
+    cells = [
+        f"{name} (n={len(idx)}): colour {np.mean([parts['colour'][i] for i in idx]):.3f}, "
+        f"IoU {np.mean([parts['iou'][i] for i in idx]):.3f}"
+        for name, idx in groups.items()
+        if idx
+    ]
+    return f"  {label}: " + "; ".join(cells)
 
 
 def _cells(parts: dict[str, list[float]]) -> str:
@@ -102,6 +130,14 @@ def main(argv: Sequence[str] | None = None) -> None:
                 f"edits {np.mean([r.score.overall for r in report.records[len(compositions) :]]):.3f} (n={len(edits)})"
             )
             print(f"  {len(parts['iou'])} placed objects: {_cells(parts)}", flush=True)
+            facts = [f for sample in compositions for f in placed_object_facts(sample, args.budget)]
+            named = {"named": [], "not named": []}
+            scale = {"<0.8": [], "0.8-1.25": [], ">=1.25": []}
+            for n, (is_named, ratio) in enumerate(facts):
+                named["named" if is_named else "not named"].append(n)
+                scale["<0.8" if ratio < 0.8 else "0.8-1.25" if ratio < 1.25 else ">=1.25"].append(n)
+            print(_split("colour in the words", named, parts))
+            print(_split("reference/output diameter", scale, parts), flush=True)
             if added is not None:
                 print(f"  {len(added['iou'])} objects drawn by `add`: {_cells(added)}", flush=True)
 

@@ -198,3 +198,20 @@ def test_routing_diagnostics_reports_share_scores_and_overall(tmp_path: Path, ca
     assert 0 < share <= 1 and 0 < uniform <= 1
     assert "placed objects: iou" in out and "objects drawn by `add`: iou" in out
     assert "compositions" in out and "(n=2)" in out and "(n=1)" in out
+    assert "colour in the words: " in out and "reference/output diameter: " in out
+
+
+def test_placed_object_facts_name_the_colour_and_the_copy_scale() -> None:
+    from benchmarks.routing_diagnostics import placed_object_facts
+
+    samples = [s for s in _samples("compose", 12, max_refs=3)]
+    for s in samples:
+        facts = placed_object_facts(s, 128)
+        objects = s.spec["target"]["scene"]["objects"]
+        assert len(facts) == len(objects)
+        for (named, ratio), obj in zip(facts, objects, strict=True):
+            assert named == (obj["colour"] in s.instruction.split())
+            # Reference objects are 0.30-0.55 of their picture's short side, placed ones 0.28 (or 0.5
+            # in conflicts) of the output's; pictures are shrunk to share the budget.
+            assert 0.05 < ratio < 5
+    assert {n for s in samples for n, _ in placed_object_facts(s, 128)} == {True, False}
