@@ -51,3 +51,21 @@ def test_routing_diagnostics_samples_each_model_at_each_guidance(tmp_path: Path,
     blocks = out.split(f"{folder} guidance ")[1:]
     assert [b.split()[0] for b in blocks] == ["1", "2.5"]
     assert all("placed objects: iou" in b for b in blocks)
+
+
+def test_export_stores_the_chosen_guidance_and_refuses_it_without_dropout(tmp_path: Path, capsys) -> None:
+    from cli_helpers import run_cli
+    from test_sft import _config
+    from uniref.train.sft import train_sft
+
+    for name, p in (("dropped", "0.2"), ("plain", "0")):
+        config = _config(tmp_path / name, "train.max_steps=2", f"loss.instruction_dropout={p}")
+        train_sft(config)
+    export = ["train", "export"]
+    code, _, _ = run_cli([*export, str(tmp_path / "dropped"), "-o", str(tmp_path / "m"), "--guidance", "2.5"], capsys)
+    assert code == 0 and load_tiny_folder(tmp_path / "m").default_guidance == 2.5
+    code, _, err = run_cli([*export, str(tmp_path / "plain"), "-o", str(tmp_path / "n"), "--guidance", "2"], capsys)
+    assert code == 2 and "instruction_dropout" in err and err.count("\n") == 1
+    assert not (tmp_path / "n").exists()
+    code, _, _ = run_cli([*export, str(tmp_path / "plain"), "-o", str(tmp_path / "n")], capsys)
+    assert code == 0 and load_tiny_folder(tmp_path / "n").default_guidance == 1.0

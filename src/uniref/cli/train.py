@@ -58,12 +58,15 @@ def export_command(
     step: Annotated[int | None, typer.Option(help="checkpoint step (default: the newest)")] = None,
     ema: Annotated[bool, typer.Option(help="export the EMA weights when the run kept them")] = True,
     half: Annotated[bool, typer.Option(help="store float16 weights (tiny; half the bytes)")] = False,
+    guidance: Annotated[
+        float | None, typer.Option(min=1.0, help="default true-CFG scale stored with a tiny model (1 = off)")
+    ] = None,
 ) -> None:
     """Turn a checkpoint into a model folder `--model` accepts (tiny), or LoRA safetensors (diffusers +
     ComfyUI) for adapter runs."""
     from uniref.train.export import export_run
 
-    written = export_run(run, out, step=step, ema=ema, half=half)
+    written = export_run(run, out, step=step, ema=ema, half=half, guidance=guidance)
     typer.echo(f"wrote {written}")
 
 

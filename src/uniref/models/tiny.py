@@ -614,10 +614,10 @@ class TinyModel(EditModel):
 
     # --- persistence ---------------------------------------------------------------------------
 
-    def save(self, folder: str | Path, dtype: torch.dtype | None = None, **native: int) -> Path:
+    def save(self, folder: str | Path, dtype: torch.dtype | None = None, **native: float) -> Path:
         """Write ``uniref_model.json`` + ``model.safetensors`` atomically into ``folder``; ``dtype``
         (e.g. float16 for the shipped copy, half the bytes) and ``native`` budget overrides
-        (``ref_budget``, ``target_budget`` in pixels: the budget the weights were trained at)."""
+        (``ref_budget``, ``target_budget`` in pixels: the budget the weights were trained at; ``guidance``)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         config = {**asdict(self.config), **native}

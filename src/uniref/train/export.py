@@ -22,8 +22,17 @@ def _run_config(run: Path) -> SFTConfig | RLConfig:
         raise ConfigError(f"{run / 'config.yaml'}: {exc}") from None
 
 
-def export_run(run: str | Path, out: str | Path, step: int | None = None, ema: bool = True, half: bool = False) -> Path:
-    """Export checkpoint ``step`` (default: newest) of ``run`` into ``out``; returns ``out``."""
+def export_run(
+    run: str | Path,
+    out: str | Path,
+    step: int | None = None,
+    ema: bool = True,
+    half: bool = False,
+    guidance: float | None = None,
+) -> Path:
+    """Export checkpoint ``step`` (default: newest) of ``run`` into ``out``; returns ``out``. ``guidance``
+    (tiny) is the true-CFG scale the pipeline will use by default, chosen after training on the
+    validation split; it needs a run trained with ``loss.instruction_dropout``."""
     run, out = Path(run), Path(out)
     config = _run_config(run)
     ckpts = {int(p.name.split("_")[-1]): p for p in list_checkpoints(run)}
@@ -44,9 +53,16 @@ def export_run(run: str | Path, out: str | Path, step: int | None = None, ema: b
 
     if not isinstance(model, TinyModel):
         raise ModelError(f"{run}: full fine-tunes of {config.model.name} are exported by saving the transformer")
-    native = {}
+    native: dict[str, float] = {}
     if isinstance(config, SFTConfig):
         _, stage = config.stage_at(max(0, state["step"] - 1))
         native = {"ref_budget": stage.budget**2, "target_budget": (stage.target_budget or stage.budget) ** 2}
+        if guidance is not None and guidance > 1 and config.loss.instruction_dropout == 0:
+            raise ConfigError(
+                f"--guidance {guidance:g}: {run} was trained without loss.instruction_dropout, so its negative "
+                "prompt was never trained; export it with --guidance 1"
+            )
+    if guidance is not None:
+        native["guidance"] = guidance
     model.save(out, dtype=torch.float16 if half else None, **native)
     return out
