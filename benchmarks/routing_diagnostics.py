@@ -49,6 +49,34 @@ def routing_share(folder: str | Path, samples: Sequence[Sample], budget: int) ->
     return float(torch.exp(-parts.routing)), float(uniform)
 
 
+def x0_error_split(folder: str | Path, samples: Sequence[Sample], budget: int, sigma: float) -> tuple[float, ...]:
+    """The model's x̂0 error at noise level ``sigma`` (every sample's target re-noised to it), as the
+    fraction of what predicting the latent mean (0: the codec's latents are normalised) would miss, for
+    object and for background tokens; then the objects' share of target tokens and of the error.
+    Where the loss sits, against where the score is lost."""
+    model = load_tiny_folder(folder)
+    batch = make_batch(model, samples, budget**2, budget**2, list(range(len(samples))))
+    cond = model.encode_condition(batch.instructions, batch.refs, batch.ref_sizes)
+    values, clean = batch.packed.tokens.values, []
+    for i, (row, start, _) in enumerate(batch.packed.tokens.spans):
+        end = start + batch.target_v[i].shape[0]
+        x_0 = values[row, start:end] - float(batch.sigma[i]) * batch.target_v[i]  # x_t = x_0 + σ (ε − x_0)
+        values[row, start:end] = x_0 + sigma * batch.target_v[i]
+        clean.append(x_0)
+    with torch.no_grad():
+        x0_hat = model.predict_x0(batch.packed, cond, torch.full((len(samples),), sigma))
+    obj = bg = obj_mean = bg_mean = 0.0
+    for i, (row, start, _) in enumerate(batch.packed.tokens.spans):
+        err = (x0_hat[row, start : start + clean[i].shape[0]] - clean[i]).pow(2).mean(-1)
+        spread = clean[i].pow(2).mean(-1)
+        mask = batch.object_masks[i]
+        assert mask is not None
+        obj, obj_mean = obj + float(err[mask].sum()), obj_mean + float(spread[mask].sum())
+        bg, bg_mean = bg + float(err[~mask].sum()), bg_mean + float(spread[~mask].sum())
+    masks = torch.cat([m for m in batch.object_masks if m is not None])
+    return obj / obj_mean, bg / bg_mean, float(masks.float().mean()), obj / (obj + bg)
+
+
 def object_scores(samples: Sequence[Sample], outputs: Sequence, last_only: bool = False) -> dict[str, list[float]]:
     """Every placed object's score parts (``last_only``: the last object of each target, the one an
     `add` adds), and each sample's background score."""
@@ -138,6 +166,16 @@ def main(argv: Sequence[str] | None = None) -> None:
                 scale["<0.8" if ratio < 0.8 else "0.8-1.25" if ratio < 1.25 else ">=1.25"].append(n)
             print(_split("colour in the words", named, parts))
             print(_split("reference/output diameter", scale, parts), flush=True)
+            if guidance is None or guidance == scales[0]:
+                errors = [x0_error_split(folder, compositions, args.budget, sg) for sg in (1.0, 0.7, 0.4)]
+                print(
+                    "  x0 error as a fraction of the latent mean's, object / background tokens: "
+                    + "; ".join(
+                        f"sigma {sg}: {o:.2f} / {b:.2f} (objects: {share:.1%} of tokens, {part:.1%} of the error)"
+                        for sg, (o, b, share, part) in zip((1.0, 0.7, 0.4), errors, strict=True)
+                    ),
+                    flush=True,
+                )
             if added is not None:
                 print(f"  {len(added['iou'])} objects drawn by `add`: {_cells(added)}", flush=True)
 

@@ -199,6 +199,7 @@ def test_routing_diagnostics_reports_share_scores_and_overall(tmp_path: Path, ca
     assert "placed objects: iou" in out and "objects drawn by `add`: iou" in out
     assert "compositions" in out and "(n=2)" in out and "(n=1)" in out
     assert "colour in the words: " in out and "reference/output diameter: " in out
+    assert "x0 error as a fraction of the latent mean's, object / background tokens: sigma 1.0: " in out
 
 
 def test_placed_object_facts_name_the_colour_and_the_copy_scale() -> None:
