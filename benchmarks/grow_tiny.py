@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from uniref.models.tiny import TinyConfig, TinyMMDiT, TinyModel, load_tiny_folder
+from uniref.models.tiny import TinyConfig, TinyModel, load_tiny_folder
+from uniref.models.tiny_net import TinyMMDiT
 
 
 def deepen(model: TinyModel, depth: int, seed: int = 0) -> TinyModel:

@@ -6,7 +6,8 @@ import torch
 
 from uniref.budget import Size
 from uniref.models import load_model
-from uniref.models.tiny import TinyConfig, TinyModel, WordTokenizer, build_tiny, normalised_coords
+from uniref.models.tiny import TinyConfig, TinyModel, WordTokenizer, build_tiny
+from uniref.models.tiny_net import normalised_coords
 from uniref.sequence import build_sequence, pack_sequences
 
 WORDS = ("put", "the", "red", "circle", "from", "picture", "on", "background", "of", "1", "2", "3")

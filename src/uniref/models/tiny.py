@@ -1,17 +1,11 @@
 """The ``tiny`` flavour: a few-million-parameter MMDiT in the Qwen-Image style, trained on CPU.
 
-* **Codec**: exact pixel-unshuffle (×4): an image (3, H, W) in [-1, 1] is the latent
-  (48, H/4, W/4), and 2×2 patches make 8×8-pixel tokens of 192 values. Chosen over a trained
-  autoencoder because it is lossless (the scene world's fine patterns survive), costs nothing, and
-  leaves the whole CPU budget to the denoiser. The token (192 values) is no wider than the
-  model (192) and the network predicts x̂_0 (DESIGN §7: both matter in pixel space).
-* **Text**: a word-level encoder over the scene grammar's vocabulary (2 transformer layers). Words
-  outside it become ``<unk>`` with a warning that names them: users type free text.
-* **Denoiser**: dual-stream joint-attention blocks (separate text/image weights, one attention over
-  both, adaLN modulation, QK-RMSNorm), 3-axis RoPE on (frame, row, col) exactly as the SELF
-  sequence defines it, plus an image-index embedding and Fourier features of per-image normalised
-  coordinates (DESIGN §7: these make placement and background transfer easy). Reference tokens are
-  modulated with timestep 0 (2511's ``zero_cond_t``): they are clean.
+* **Codec**: the shipped scene autoencoder (:mod:`uniref.models.codec`, 16 latent channels per 8×8
+  cell: the tiny analogue of Qwen-Image's VAE), or the exact pixel-unshuffle codec (``codec=""``,
+  the first shipped model's). A saved model carries its codec's weights.
+* **Text**: a word-level encoder over the scene grammar's vocabulary. Words outside it become
+  ``<unk>`` with a warning that names them: users type free text.
+* **Network**: :mod:`uniref.models.tiny_net` (joint-attention blocks, RoPE on the SELF positions).
 * **Prediction**: the network predicts the clean tokens x̂_0 and reports the velocity
   ``v = (x_t − x̂_0) / σ`` through the protocol (DESIGN §7: x̂_0 learns far faster in pixel space).
 """
@@ -19,7 +13,6 @@
 from __future__ import annotations
 
 import json
-import math
 import re
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -33,7 +26,6 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from uniref.budget import Size, plan
 from uniref.errors import ModelError
@@ -41,15 +33,22 @@ from uniref.explain import AttentionLog
 from uniref.images import atomic_path, image_size, resize, to_tensor
 from uniref.models.base import Conditioning, EditModel, LatentSpec, ScheduleSpec
 from uniref.models.codec import Codec, codec_folder, codec_from_state, load_codec
+from uniref.models.tiny_net import (
+    ITEM_COORDS,
+    ITEM_FRAME,
+    ITEM_PIXELS,
+    ITEM_WORD,
+    PAD_ID,
+    TextImages,
+    TinyMMDiT,
+    normalised_coords,
+)
 from uniref.sequence import (
     PAD,
-    REFERENCE,
     PackedBatch,
     PackedStream,
-    attention_mask,
     pack_stream,
     patchify,
-    rope_frequencies,
     text_position_ids,
     text_position_start,
 )
@@ -60,12 +59,10 @@ CONFIG_FILE = "uniref_model.json"
 WEIGHTS_FILE = "model.safetensors"
 # σ below this is treated as this when converting x̂_0 to a velocity (the sampler never asks at 0).
 MIN_SIGMA = 1e-4
-# Timesteps are embedded as σ·1000, the scale diffusers' Qwen-Image transformer uses.
-TIMESTEP_SCALE = 1000.0
 BUNDLED = "bundled"  # TinyConfig.codec of a saved model: its codec's weights are in model.safetensors
 CODEC_PREFIX = "codec."
 SPECIAL_WORDS = ("<pad>", "<unk>")
-PAD_ID, UNK_ID = 0, 1
+UNK_ID = 1
 
 
 def _default_vocabulary() -> list[str]:
@@ -153,255 +150,6 @@ class WordTokenizer:
         return ids, unknown
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (x.shape[-1],), self.weight, eps=1e-6)
-
-
-def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs of channels: x (R, H, L, D) real, freqs (R, L, D/2) complex."""
-    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
-    return torch.view_as_real(xc * freqs[:, None]).flatten(-2).type_as(x)
-
-
-class Stream(nn.Module):
-    """One modality's weights inside a joint block. ``with_output=False`` (the text stream of the
-    last block) keeps only what produces keys and values: its output would never be read, and
-    unused weights break DDP."""
-
-    def __init__(self, width: int, heads: int, mlp_ratio: float, with_output: bool = True) -> None:
-        super().__init__()
-        head_dim = width // heads
-        self.modulation = nn.Linear(width, (6 if with_output else 2) * width)
-        self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        self.qkv = nn.Linear(width, 3 * width)
-        self.q_norm, self.k_norm = RMSNorm(head_dim), RMSNorm(head_dim)
-        self.with_output = with_output
-        if with_output:
-            self.out = nn.Linear(width, width)
-            self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-            hidden = int(width * mlp_ratio)
-            self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width))
-        self.heads = heads
-        nn.init.zeros_(self.modulation.weight)
-        nn.init.zeros_(self.modulation.bias)
-
-    def qkv_heads(self, x: torch.Tensor, mod: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        shift, scale = mod[0], mod[1]
-        h = self.norm1(x) * (1 + scale) + shift
-        q, k, v = self.qkv(h).unflatten(-1, (3, self.heads, -1)).unbind(-3)  # each (R, L, H, Dh)
-        return self.q_norm(q).transpose(1, 2), self.k_norm(k).transpose(1, 2), v.transpose(1, 2)
-
-    def finish(self, x: torch.Tensor, attn: torch.Tensor, mod: Sequence[torch.Tensor]) -> torch.Tensor:
-        gate1, shift2, scale2, gate2 = mod[2:]
-        x = x + gate1 * self.out(attn)
-        return x + gate2 * self.mlp(self.norm2(x) * (1 + scale2) + shift2)
-
-
-class JointBlock(nn.Module):
-    """MMDiT block: per-modality modulation and weights, one attention over text + image."""
-
-    def __init__(self, width: int, heads: int, mlp_ratio: float, last: bool = False) -> None:
-        super().__init__()
-        self.img = Stream(width, heads, mlp_ratio)
-        self.txt = Stream(width, heads, mlp_ratio, with_output=not last)
-        self.record: list[torch.Tensor] | None = None  # attention weights, when explaining (uniref.explain)
-        # Called with (q, k, mask) after RoPE, e.g. by the routing loss (uniref.train.routing).
-        self.on_attention: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None
-
-    def forward(
-        self,
-        img: torch.Tensor,  # (R, Li, W)
-        txt: torch.Tensor,  # (R, Lt, W)
-        temb: torch.Tensor,  # (E, W): the distinct timestep embeddings of the batch
-        img_temb_idx: torch.Tensor,  # (R, Li): which embedding modulates each image token
-        txt_temb_idx: torch.Tensor,  # (R, Lt)
-        rope: torch.Tensor,  # (R, Lt + Li, Dh/2) complex
-        mask: torch.Tensor,  # (R, 1, L, L) bool
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        # Modulations are computed once per distinct embedding (E = B + 1), then gathered per token.
-        img_mod = F.embedding(img_temb_idx, self.img.modulation(F.silu(temb))).chunk(6, dim=-1)  # 6 × (R, Li, W)
-        txt_mod = F.embedding(txt_temb_idx, self.txt.modulation(F.silu(temb))).chunk(
-            6 if self.txt.with_output else 2, -1
-        )
-        qi, ki, vi = self.img.qkv_heads(img, img_mod)
-        qt, kt, vt = self.txt.qkv_heads(txt, txt_mod)
-        q = apply_rope(torch.cat([qt, qi], dim=2), rope)
-        k = apply_rope(torch.cat([kt, ki], dim=2), rope)
-        v = torch.cat([vt, vi], dim=2)
-        if self.on_attention is not None:
-            self.on_attention(q, k, mask)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (R, H, L, Dh)
-        if self.record is not None:  # the same softmax SDPA computes, kept (averaged over heads)
-            logits = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
-            self.record.append(logits.masked_fill(~mask, float("-inf")).softmax(-1).mean(1))
-        out = out.transpose(1, 2).flatten(2)  # (R, L, W)
-        n_txt = txt.shape[1]
-        txt = self.txt.finish(txt, out[:, :n_txt], txt_mod) if self.txt.with_output else txt
-        return self.img.finish(img, out[:, n_txt:], img_mod), txt
-
-
-class TextBlock(nn.Module):
-    """Pre-norm self-attention block of the word encoder (block-diagonal over packed samples)."""
-
-    def __init__(self, width: int, heads: int, mlp_ratio: float) -> None:
-        super().__init__()
-        self.heads = heads
-        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
-        self.qkv = nn.Linear(width, 3 * width)
-        self.out = nn.Linear(width, width)
-        hidden = int(width * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width))
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        qkv = self.qkv(self.norm1(x)).unflatten(-1, (3, self.heads, -1))  # (R, L, 3, H, Dh)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (R, H, L, Dh)
-        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (R, H, L, Dh)
-        x = x + self.out(attn.transpose(1, 2).flatten(2))
-        return x + self.mlp(self.norm2(x))
-
-
-@dataclass
-class TextImages:
-    """The binding part of packed text rows: which picture each text token belongs to (0: the
-    instruction), whether it is an image token, and that token's pixels and coordinates."""
-
-    frame: torch.Tensor  # (R, Lt) long
-    is_image: torch.Tensor  # (R, Lt) bool
-    pixels: torch.Tensor  # (R, Lt, token_dim)
-    coords: torch.Tensor  # (R, Lt, 2)
-    # The denoiser's text stream holds the words only (R, Lw): the position of each in the encoder's
-    # rows, and its sample id (PAD for padding). The thumbnails have done their work once the
-    # encoder has read them, and leaving them out keeps the joint blocks as cheap as without binding.
-    words_at: torch.Tensor  # (R, Lw) long
-    words_ids: torch.Tensor  # (R, Lw) long
-
-
-# Columns of a bound text item (one row per text token): word id (-1 for an image token), picture
-# index (0 for instruction words), two normalised coordinates, then the token's pixel values.
-_WORD, _FRAME, _COORDS, _PIXELS = 0, 1, slice(2, 4), slice(4, None)
-
-
-def timestep_embedding(sigma: torch.Tensor, dim: int) -> torch.Tensor:
-    """Sinusoidal embedding of σ·1000 (B,) -> (B, dim)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) / half)
-    args = sigma.float()[:, None] * TIMESTEP_SCALE * freqs[None]
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-
-
-class TinyMMDiT(nn.Module):
-    """Text encoder + joint-attention denoiser, trained together (nothing is frozen at this size)."""
-
-    def __init__(self, config: TinyConfig, vocab_size: int) -> None:
-        super().__init__()
-        w = config.width
-        self.config = config
-        self.word_embed = nn.Embedding(vocab_size, w, padding_idx=PAD_ID)
-        self.word_pos = nn.Embedding(config.max_text_len, w)
-        self.text_blocks = nn.ModuleList(
-            TextBlock(w, config.heads, config.mlp_ratio) for _ in range(config.text_layers)
-        )
-        self.text_norm = nn.LayerNorm(w)
-        if config.binding_budget:
-            self.thumb_in = nn.Linear(config.token_dim, w)
-        self.img_in = nn.Linear(config.token_dim, w)
-        self.txt_in = nn.Linear(w, w)
-        self.frame_embed = nn.Embedding(config.max_frames, w)
-        self.coord_in = nn.Linear(4 * config.coord_freqs, w)
-        self.time_embed = nn.Sequential(nn.Linear(w, w), nn.SiLU(), nn.Linear(w, w))
-        self.blocks = nn.ModuleList(
-            JointBlock(w, config.heads, config.mlp_ratio, last=i == config.depth - 1) for i in range(config.depth)
-        )
-        self.out_norm = nn.LayerNorm(w, elementwise_affine=False, eps=1e-6)
-        self.out_mod = nn.Linear(w, 2 * w)
-        self.out = nn.Linear(w, config.token_dim)
-        nn.init.zeros_(self.out_mod.weight)
-        nn.init.zeros_(self.out_mod.bias)
-        self.gradient_checkpointing = False
-
-    def enable_gradient_checkpointing(self) -> None:
-        """Recompute block activations in the backward pass: less memory, about a third more time."""
-        self.gradient_checkpointing = True
-
-    def forward(
-        self,
-        x_t: torch.Tensor,  # (R, Li, token_dim) packed SELF tokens
-        position_ids: torch.Tensor,  # (R, Li, 3)
-        coords: torch.Tensor,  # (R, Li, 2) per-image normalised coordinates in [-1, 1]
-        token_type: torch.Tensor,  # (R, Li)
-        img_ids: torch.Tensor,  # (R, Li) sample index or PAD
-        words: torch.Tensor,  # (R, Lt) packed word ids
-        word_index: torch.Tensor,  # (R, Lt) position of each word in its instruction
-        txt_pos: torch.Tensor,  # (R, Lt, 3); with binding (R, Lw, 3): the words' positions
-        txt_ids: torch.Tensor,  # (R, Lt) sample index or PAD
-        sigma: torch.Tensor,  # (B,)
-        binding: TextImages | None = None,
-    ) -> torch.Tensor:
-        """Predicted clean tokens x̂_0 (R, Li, token_dim)."""
-        cfg = self.config
-        # The text encoder runs inside forward, on the packed rows, so one forward (and one DDP
-        # gradient sync) covers every trained weight.
-        txt_h = self.word_embed(words)
-        if binding is None:
-            txt_h = txt_h + self.word_pos(word_index.clamp(max=cfg.max_text_len - 1))
-        else:
-            instruction = (binding.frame == 0)[..., None]
-            thumb = binding.is_image[..., None]
-            txt_h = (
-                txt_h
-                + instruction * self.word_pos(word_index.clamp(max=cfg.max_text_len - 1))
-                + (~instruction) * self.frame_embed(binding.frame.clamp(0, cfg.max_frames - 1))
-                + thumb * (self.thumb_in(binding.pixels) + self.coord_in(_fourier(binding.coords, cfg.coord_freqs)))
-            )
-        text_mask = attention_mask(txt_ids)
-        for block in self.text_blocks:
-            txt_h = block(txt_h, text_mask)
-        txt_h = self.txt_in(self.text_norm(txt_h))
-        if binding is not None:
-            txt_h = txt_h.gather(1, binding.words_at[..., None].expand(-1, -1, txt_h.shape[-1]))
-            txt_ids = binding.words_ids
-        frames = position_ids[..., 0].clamp(0, cfg.max_frames - 1)
-        img = self.img_in(x_t) + self.frame_embed(frames) + self.coord_in(_fourier(coords, cfg.coord_freqs))
-        # Per-sample embeddings of σ and of 0 (clean references), gathered per token; row B is padding.
-        # Embedding table: one row per sample's σ, then σ = 0 (clean references and padding).
-        b = sigma.shape[0]
-        temb = self.time_embed(timestep_embedding(torch.cat([sigma, sigma.new_zeros(1)]), cfg.width))  # (B+1, W)
-        img_idx = torch.where((img_ids == PAD) | (token_type == REFERENCE), b, img_ids)
-        txt_idx = torch.where(txt_ids == PAD, b, txt_ids)
-        rope = rope_frequencies(torch.cat([txt_pos, position_ids], dim=1).flatten(0, 1), cfg.rope_axes)
-        rope = rope.view(x_t.shape[0], -1, rope.shape[-1])
-        mask = attention_mask(txt_ids, img_ids)
-        for block in self.blocks:
-            if self.gradient_checkpointing and self.training:
-                img, txt_h = checkpoint(block, img, txt_h, temb, img_idx, txt_idx, rope, mask, use_reentrant=False)
-            else:
-                img, txt_h = block(img, txt_h, temb, img_idx, txt_idx, rope, mask)
-        shift, scale = F.embedding(img_idx, self.out_mod(F.silu(temb))).chunk(2, dim=-1)
-        return self.out(self.out_norm(img) * (1 + scale) + shift)
-
-
-def _fourier(coords: torch.Tensor, n: int) -> torch.Tensor:
-    freqs = math.pi * 2.0 ** torch.arange(n, dtype=coords.dtype, device=coords.device)
-    angles = coords[..., None] * freqs  # (..., 2, n)
-    return torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(-2)
-
-
-def normalised_coords(grids: Sequence[tuple[int, int]]) -> torch.Tensor:
-    """(Σ h·w, 2) token-centre coordinates in [-1, 1] within each image, row-major per image."""
-    parts = []
-    for h, w in grids:
-        rows = (torch.arange(h) + 0.5) / h * 2 - 1
-        cols = (torch.arange(w) + 0.5) / w * 2 - 1
-        rr, cc = torch.meshgrid(rows, cols, indexing="ij")
-        parts.append(torch.stack([rr, cc], dim=-1).reshape(-1, 2))
-    return torch.cat(parts)
-
-
 class TinyModel(EditModel):
     """The tiny flavour behind the :class:`EditModel` protocol."""
 
@@ -473,17 +221,17 @@ class TinyModel(EditModel):
             tokens = patchify(latent.float().cpu(), cfg.patch)
             grid = (latent.shape[1] // cfg.patch, latent.shape[2] // cfg.patch)
             image = torch.zeros(tokens.shape[0], 4 + cfg.token_dim)
-            image[:, _WORD] = -1
-            image[:, _FRAME] = i
-            image[:, _COORDS] = normalised_coords([grid])
-            image[:, _PIXELS] = tokens
+            image[:, ITEM_WORD] = -1
+            image[:, ITEM_FRAME] = i
+            image[:, ITEM_COORDS] = normalised_coords([grid])
+            image[:, ITEM_PIXELS] = tokens
             rows.append(image)
         return torch.cat(rows)
 
     def _text_rows(self, word_ids: list[int], frame: int) -> torch.Tensor:
         rows = torch.zeros(len(word_ids), 4 + self.config.token_dim)
-        rows[:, _WORD] = torch.tensor(word_ids, dtype=torch.float32)
-        rows[:, _FRAME] = frame
+        rows[:, ITEM_WORD] = torch.tensor(word_ids, dtype=torch.float32)
+        rows[:, ITEM_FRAME] = frame
         return rows
 
     def _codec(self) -> Codec | None:
@@ -564,16 +312,16 @@ class TinyModel(EditModel):
         if cond.txt[0].is_floating_point():  # bound text items (binding_budget > 0)
             items = pack_stream(batch.rows, list(cond.txt))
             values = items.values
-            words = PackedStream(values[..., _WORD].clamp_min(0).long(), items.sample_ids, items.spans)
-            at = [torch.nonzero(t[:, _WORD] >= 0)[:, 0] for t in cond.txt]
+            words = PackedStream(values[..., ITEM_WORD].clamp_min(0).long(), items.sample_ids, items.spans)
+            at = [torch.nonzero(t[:, ITEM_WORD] >= 0)[:, 0] for t in cond.txt]
             words_at = pack_stream(batch.rows, [a + items.spans[i][1] for i, a in enumerate(at)])
             denoiser_stream = words_at
             denoiser_text = [t[a] for t, a in zip(cond.txt, at, strict=True)]
             binding = TextImages(
-                frame=values[..., _FRAME].long().to(device),
-                is_image=(values[..., _WORD] < 0).to(device),
-                pixels=values[..., _PIXELS].to(device, self.dtype),
-                coords=values[..., _COORDS].to(device, self.dtype),
+                frame=values[..., ITEM_FRAME].long().to(device),
+                is_image=(values[..., ITEM_WORD] < 0).to(device),
+                pixels=values[..., ITEM_PIXELS].to(device, self.dtype),
+                coords=values[..., ITEM_COORDS].to(device, self.dtype),
                 words_at=words_at.values.to(device),
                 words_ids=words_at.sample_ids.to(device),
             )
