@@ -116,6 +116,26 @@ def _split(label: str, groups: dict[str, list[int]], parts: dict[str, list[float
     return f"  {label}: " + "; ".join(cells)
 
 
+def _facts_split(compositions: Sequence[Sample], parts: dict[str, list[float]], budget: int) -> str:
+    """Two lines: placed objects' colour and IoU by whether the words name their colour, and by the
+    scale of the copy (``placed_object_facts``)."""
+    named: dict[str, list[int]] = {"named": [], "not named": []}
+    scale: dict[str, list[int]] = {"<0.8": [], "0.8-1.25": [], ">=1.25": []}
+    facts = [f for sample in compositions for f in placed_object_facts(sample, budget)]
+    for n, (is_named, ratio) in enumerate(facts):
+        named["named" if is_named else "not named"].append(n)
+        scale["<0.8" if ratio < 0.8 else "0.8-1.25" if ratio < 1.25 else ">=1.25"].append(n)
+    return _split("colour in the words", named, parts) + "\n" + _split("reference/output diameter", scale, parts)
+
+
+def _x0_errors(folder: str | Path, compositions: Sequence[Sample], budget: int) -> str:
+    cells = []
+    for sigma in (1.0, 0.7, 0.4):
+        obj, bg, tokens, error = x0_error_split(folder, compositions, budget, sigma)
+        cells.append(f"sigma {sigma}: {obj:.2f} / {bg:.2f} (objects: {tokens:.1%} of tokens, {error:.1%} of the error)")
+    return "  x0 error as a fraction of the latent mean's, object / background tokens: " + "; ".join(cells)
+
+
 def _cells(parts: dict[str, list[float]]) -> str:
     return ", ".join(f"{k} {np.mean(v):.3f} (≥0.5: {np.mean(np.asarray(v) >= 0.5):.2f})" for k, v in parts.items())
 
@@ -158,26 +178,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                 f"edits {np.mean([r.score.overall for r in report.records[len(compositions) :]]):.3f} (n={len(edits)})"
             )
             print(f"  {len(parts['iou'])} placed objects: {_cells(parts)}", flush=True)
-            facts = [f for sample in compositions for f in placed_object_facts(sample, args.budget)]
-            named = {"named": [], "not named": []}
-            scale = {"<0.8": [], "0.8-1.25": [], ">=1.25": []}
-            for n, (is_named, ratio) in enumerate(facts):
-                named["named" if is_named else "not named"].append(n)
-                scale["<0.8" if ratio < 0.8 else "0.8-1.25" if ratio < 1.25 else ">=1.25"].append(n)
-            print(_split("colour in the words", named, parts))
-            print(_split("reference/output diameter", scale, parts), flush=True)
-            if guidance is None or guidance == scales[0]:
-                errors = [x0_error_split(folder, compositions, args.budget, sg) for sg in (1.0, 0.7, 0.4)]
-                print(
-                    "  x0 error as a fraction of the latent mean's, object / background tokens: "
-                    + "; ".join(
-                        f"sigma {sg}: {o:.2f} / {b:.2f} (objects: {share:.1%} of tokens, {part:.1%} of the error)"
-                        for sg, (o, b, share, part) in zip((1.0, 0.7, 0.4), errors, strict=True)
-                    ),
-                    flush=True,
-                )
             if added is not None:
                 print(f"  {len(added['iou'])} objects drawn by `add`: {_cells(added)}", flush=True)
+            print(_facts_split(compositions, parts, args.budget), flush=True)
+            if guidance is None or guidance == scales[0]:  # the x̂0 error does not depend on guidance
+                print(_x0_errors(folder, compositions, args.budget), flush=True)
 
     if args.baselines:
         from uniref.eval import evaluate_baselines

@@ -25,7 +25,16 @@ from uniref.errors import ModelError
 from uniref.flow import ScheduleSpec  # the schedule's parameters are flow's own type; adapters fill them in
 from uniref.sequence import PackedBatch
 
-__all__ = ["AUTO_DTYPE", "DTYPES", "Conditioning", "EditModel", "LatentSpec", "ScheduleSpec", "resolve_dtype"]
+__all__ = [
+    "AUTO_DTYPE",
+    "DEFAULT_NEGATIVE",
+    "DTYPES",
+    "Conditioning",
+    "EditModel",
+    "LatentSpec",
+    "ScheduleSpec",
+    "resolve_dtype",
+]
 
 AUTO_DTYPE = "auto"
 # Qwen-Image's examples use a single space as the negative prompt; trainers drop instructions to it.
