@@ -216,3 +216,36 @@ def test_placed_object_facts_name_the_colour_and_the_copy_scale() -> None:
             # in conflicts) of the output's; pictures are shrunk to share the budget.
             assert 0.05 < ratio < 5
     assert {n for s in samples for n, _ in placed_object_facts(s, 128)} == {True, False}
+
+
+def test_x0_error_split_is_one_for_the_latent_mean_and_zero_for_the_truth(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from benchmarks import routing_diagnostics
+
+    folder = build_tiny(SMALL, seed=3).save(tmp_path / "model")
+    samples = _samples("compose", 4, max_refs=2)
+    model = build_tiny(SMALL, seed=3)
+    monkeypatch.setattr(routing_diagnostics, "load_tiny_folder", lambda _: model)
+    monkeypatch.setattr(model, "predict_x0", lambda batch, cond, sigma: torch.zeros_like(batch.tokens.values))
+    obj, bg, tokens, part = routing_diagnostics.x0_error_split(folder, samples, 48, 1.0)
+    assert obj == pytest.approx(1.0) and bg == pytest.approx(1.0) and 0 < tokens < 1 and 0 < part < 1
+
+    def truth(batch, cond, sigma):  # every target token's clean value, read back from x_t = x_0 + σ·v
+        out = batch.tokens.values.clone()
+        for i, (row, start, _) in enumerate(batch.tokens.spans):
+            n = truth.velocities[i].shape[0]
+            out[row, start : start + n] -= float(sigma[i]) * truth.velocities[i]
+        return out
+
+    real_make_batch = routing_diagnostics.make_batch
+
+    def spy(*args, **kwargs):
+        batch = real_make_batch(*args, **kwargs)
+        truth.velocities = batch.target_v
+        return batch
+
+    monkeypatch.setattr(routing_diagnostics, "make_batch", spy)
+    monkeypatch.setattr(model, "predict_x0", truth)
+    obj, bg, _, _ = routing_diagnostics.x0_error_split(folder, samples, 48, 0.7)
+    assert obj == pytest.approx(0.0, abs=1e-9) and bg == pytest.approx(0.0, abs=1e-9)
