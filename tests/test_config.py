@@ -69,7 +69,9 @@ def test_shipped_sft_configs_validate_and_take_the_common_overrides(tmp_path: Pa
         cfg = load_config(SFTConfig, path, ["train.max_steps=3", f"run.output_dir={tmp_path}"])
         assert cfg.train.max_steps == 3 and cfg.run.output_dir == tmp_path
         budgets = [s.budget for s in cfg.stages]
-        assert budgets == sorted(budgets) and len(set(budgets)) == 3  # the progressive schedule
+        # Progressive: budgets never shrink and grow at least once (the real model's 1024² -> 1536² ->
+        # 2048²; tiny recipes may skip a level, as configs/tiny_sft_next.yaml goes 64² -> 128²).
+        assert budgets == sorted(budgets) and len(set(budgets)) >= 2
 
 
 def test_shipped_rl_configs_validate_and_take_the_common_overrides(tmp_path: Path) -> None:
