@@ -23,8 +23,8 @@ from uniref.models.tiny_net import TinyMMDiT
 
 
 def deepen(model: TinyModel, depth: int, seed: int = 0) -> TinyModel:
-    """``model`` with ``depth`` joint blocks: its own first depth−1 blocks, fresh identity blocks, its
-    last block."""
+    """``model`` with ``depth`` joint blocks: all its blocks but the last, fresh identity blocks, then
+    its last block."""
     old = model.config.depth
     if depth < old:
         raise ValueError(f"depth {depth}: the model already has {old} blocks")
@@ -32,12 +32,12 @@ def deepen(model: TinyModel, depth: int, seed: int = 0) -> TinyModel:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = TinyMMDiT(config, model.net.word_embed.num_embeddings)
-    source = {i: i for i in range(old - 1)} | {depth - 1: old - 1}
     state = net.state_dict()
     for key, value in model.net.state_dict().items():
         if key.startswith("blocks."):
             index, rest = key.split(".", 2)[1:]
-            key = f"blocks.{next(n for n, o in source.items() if o == int(index))}.{rest}"
+            # Old blocks keep their place, except the last, which stays last.
+            key = f"blocks.{int(index) if int(index) < old - 1 else depth - 1}.{rest}"
         state[key] = value
     net.load_state_dict(state)
     net.to(model.device).eval()

@@ -34,11 +34,16 @@ from uniref.train.batch import flow_loss, make_batch
 from uniref.train.routing import pack_routes
 
 
-def routing_share(folder: str | Path, samples: Sequence[Sample], budget: int) -> tuple[float, float]:
-    """(model's share, uniform share) over the placed objects of ``samples`` at noise seed 0."""
+def _model_batch(folder: str | Path, samples: Sequence[Sample], budget: int) -> tuple:
+    """(model, its training batch of ``samples`` at noise seeds 0.., its conditioning)."""
     model = load_tiny_folder(folder)
     batch = make_batch(model, samples, budget**2, budget**2, list(range(len(samples))))
-    cond = model.encode_condition(batch.instructions, batch.refs, batch.ref_sizes)
+    return model, batch, model.encode_condition(batch.instructions, batch.refs, batch.ref_sizes)
+
+
+def routing_share(folder: str | Path, samples: Sequence[Sample], budget: int) -> tuple[float, float]:
+    """(model's share, uniform share) over the placed objects of ``samples`` at noise seed 0."""
+    model, batch, cond = _model_batch(folder, samples, budget)
     with torch.no_grad():
         parts = flow_loss(model, batch, cond, "x0", routing=1.0)
     tokens = batch.packed.tokens.values
@@ -49,32 +54,35 @@ def routing_share(folder: str | Path, samples: Sequence[Sample], budget: int) ->
     return float(torch.exp(-parts.routing)), float(uniform)
 
 
-def x0_error_split(folder: str | Path, samples: Sequence[Sample], budget: int, sigma: float) -> tuple[float, ...]:
-    """The model's x̂0 error at noise level ``sigma`` (every sample's target re-noised to it), as the
-    fraction of what predicting the latent mean (0: the codec's latents are normalised) would miss, for
-    object and for background tokens; then the objects' share of target tokens and of the error.
-    Where the loss sits, against where the score is lost."""
-    model = load_tiny_folder(folder)
-    batch = make_batch(model, samples, budget**2, budget**2, list(range(len(samples))))
-    cond = model.encode_condition(batch.instructions, batch.refs, batch.ref_sizes)
-    values, clean = batch.packed.tokens.values, []
-    for i, (row, start, _) in enumerate(batch.packed.tokens.spans):
-        end = start + batch.target_v[i].shape[0]
-        x_0 = values[row, start:end] - float(batch.sigma[i]) * batch.target_v[i]  # x_t = x_0 + σ (ε − x_0)
-        values[row, start:end] = x_0 + sigma * batch.target_v[i]
-        clean.append(x_0)
-    with torch.no_grad():
-        x0_hat = model.predict_x0(batch.packed, cond, torch.full((len(samples),), sigma))
-    obj = bg = obj_mean = bg_mean = 0.0
-    for i, (row, start, _) in enumerate(batch.packed.tokens.spans):
-        err = (x0_hat[row, start : start + clean[i].shape[0]] - clean[i]).pow(2).mean(-1)
-        spread = clean[i].pow(2).mean(-1)
-        mask = batch.object_masks[i]
-        assert mask is not None
-        obj, obj_mean = obj + float(err[mask].sum()), obj_mean + float(spread[mask].sum())
-        bg, bg_mean = bg + float(err[~mask].sum()), bg_mean + float(spread[~mask].sum())
-    masks = torch.cat([m for m in batch.object_masks if m is not None])
-    return obj / obj_mean, bg / bg_mean, float(masks.float().mean()), obj / (obj + bg)
+def x0_error_split(
+    folder: str | Path, samples: Sequence[Sample], budget: int, sigmas: Sequence[float]
+) -> list[tuple[float, float, float, float]]:
+    """Per noise level in ``sigmas`` (every sample's target re-noised to it), the model's x̂0 error as
+    the fraction of what predicting the latent mean (0: the codec's latents are normalised) would
+    miss, for object and for background tokens; then the objects' share of target tokens and of the
+    error. Where the loss sits, against where the score is lost."""
+    model, batch, cond = _model_batch(folder, samples, budget)
+    values, spans = batch.packed.tokens.values, batch.packed.tokens.spans
+    targets = [(row, start, start + v.shape[0]) for (row, start, _), v in zip(spans, batch.target_v, strict=True)]
+    # x_t = x_0 + σ (ε − x_0), and target_v is ε − x_0.
+    clean = [values[r, a:e] - float(batch.sigma[i]) * batch.target_v[i] for i, (r, a, e) in enumerate(targets)]
+    masks = [m for m in batch.object_masks if m is not None]
+    assert len(masks) == len(targets)
+    spreads = [x_0.pow(2).mean(-1) for x_0 in clean]
+    obj_mean = sum(float(s[m].sum()) for s, m in zip(spreads, masks, strict=True))
+    bg_mean = sum(float(s[~m].sum()) for s, m in zip(spreads, masks, strict=True))
+    tokens = float(torch.cat(masks).float().mean())
+    rows = []
+    for sigma in sigmas:
+        for (r, a, e), x_0, v in zip(targets, clean, batch.target_v, strict=True):
+            values[r, a:e] = x_0 + sigma * v
+        with torch.no_grad():
+            x0_hat = model.predict_x0(batch.packed, cond, torch.full((len(samples),), sigma))
+        errors = [(x0_hat[r, a:e] - x_0).pow(2).mean(-1) for (r, a, e), x_0 in zip(targets, clean, strict=True)]
+        obj = sum(float(err[m].sum()) for err, m in zip(errors, masks, strict=True))
+        bg = sum(float(err[~m].sum()) for err, m in zip(errors, masks, strict=True))
+        rows.append((obj / obj_mean, bg / bg_mean, tokens, obj / (obj + bg)))
+    return rows
 
 
 def object_scores(samples: Sequence[Sample], outputs: Sequence, last_only: bool = False) -> dict[str, list[float]]:
@@ -129,10 +137,13 @@ def _facts_split(compositions: Sequence[Sample], parts: dict[str, list[float]], 
 
 
 def _x0_errors(folder: str | Path, compositions: Sequence[Sample], budget: int) -> str:
-    cells = []
-    for sigma in (1.0, 0.7, 0.4):
-        obj, bg, tokens, error = x0_error_split(folder, compositions, budget, sigma)
-        cells.append(f"sigma {sigma}: {obj:.2f} / {bg:.2f} (objects: {tokens:.1%} of tokens, {error:.1%} of the error)")
+    sigmas = (1.0, 0.7, 0.4)
+    cells = [
+        f"sigma {sigma}: {obj:.2f} / {bg:.2f} (objects: {tokens:.1%} of tokens, {error:.1%} of the error)"
+        for sigma, (obj, bg, tokens, error) in zip(
+            sigmas, x0_error_split(folder, compositions, budget, sigmas), strict=True
+        )
+    ]
     return "  x0 error as a fraction of the latent mean's, object / background tokens: " + "; ".join(cells)
 
 

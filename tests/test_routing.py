@@ -228,7 +228,7 @@ def test_x0_error_split_is_one_for_the_latent_mean_and_zero_for_the_truth(
     model = build_tiny(SMALL, seed=3)
     monkeypatch.setattr(routing_diagnostics, "load_tiny_folder", lambda _: model)
     monkeypatch.setattr(model, "predict_x0", lambda batch, cond, sigma: torch.zeros_like(batch.tokens.values))
-    obj, bg, tokens, part = routing_diagnostics.x0_error_split(folder, samples, 48, 1.0)
+    obj, bg, tokens, part = routing_diagnostics.x0_error_split(folder, samples, 48, [1.0])[0]
     assert obj == pytest.approx(1.0) and bg == pytest.approx(1.0) and 0 < tokens < 1 and 0 < part < 1
 
     def truth(batch, cond, sigma):  # every target token's clean value, read back from x_t = x_0 + σ·v
@@ -247,5 +247,5 @@ def test_x0_error_split_is_one_for_the_latent_mean_and_zero_for_the_truth(
 
     monkeypatch.setattr(routing_diagnostics, "make_batch", spy)
     monkeypatch.setattr(model, "predict_x0", truth)
-    obj, bg, _, _ = routing_diagnostics.x0_error_split(folder, samples, 48, 0.7)
+    obj, bg, _, _ = routing_diagnostics.x0_error_split(folder, samples, 48, [0.7])[0]
     assert obj == pytest.approx(0.0, abs=1e-9) and bg == pytest.approx(0.0, abs=1e-9)
