@@ -16,31 +16,29 @@ from pathlib import Path
 
 import torch
 
-from uniref import flow
 from uniref.budget import Size
 from uniref.data import SizeRange, TaskConfig, parse_tasks
 from uniref.data.splits import split_samples
 from uniref.images import atomic_path
-from uniref.pipeline import EditPipeline, pack_for_denoising, target_velocity
+from uniref.pipeline import EditPipeline
 from uniref.viz import SheetRow, draw_sheet
 
 
 def trace(pipe: EditPipeline, instruction: str, refs: list, like: Size, budget: int, at: Sequence[int]) -> tuple:
     """(x̂0 images at steps ``at``, their σ, the output image) of the default sampler, seed 0."""
-    prep = pipe.prepare(instruction, refs, budget=budget, target_budget=budget, target_like=like)
-    seq, schedule = prep.sequences[0], prep.schedules[0]
-    batch = pack_for_denoising(prep.sequences, prep.cond, prep.neg_cond)
-    x = seq.tokens[: seq.num_target_tokens].clone()
     guesses, sigmas = [], []
-    with torch.no_grad():
-        for i in range(len(schedule) - 1):
-            v = target_velocity(pipe.model, batch, [x], prep.cond, prep.neg_cond, schedule[i : i + 1], prep.guidance)
-            if i in at:
-                guesses.append(seq.target_latent(x - schedule[i].float() * v[0]))
-                sigmas.append(float(schedule[i]))
-            x = flow.euler_step(x, v[0], schedule[i].float(), schedule[i + 1].float())
-    images = pipe.decode([*guesses, seq.target_latent(x)])
-    return images[:-1], sigmas, images[-1]
+
+    def keep_x0(i: int, sigma: torch.Tensor, xs: list[torch.Tensor], v: list[torch.Tensor]) -> None:
+        if i in at:
+            guesses.append(xs[0] - sigma[0].float() * v[0])
+            sigmas.append(float(sigma[0]))
+
+    result = pipe.generate(
+        instruction, refs, budget=budget, target_budget=budget, target_like=like, progress=False, on_step=keep_x0
+    )
+    seq = pipe.prepare(instruction, refs, budget=budget, target_budget=budget, target_like=like).sequences[0]
+    images = pipe.decode([seq.target_latent(g) for g in guesses])
+    return images, sigmas, result.images[0]
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -12,7 +12,7 @@ from PIL import Image
 from uniref.budget import Size
 from uniref.models.base import Conditioning, EditModel, LatentSpec, ScheduleSpec
 from uniref.pipeline import EditPipeline
-from uniref.sequence import PAD, PackedBatch, attention_mask
+from uniref.sequence import PAD, PackedBatch, attention_mask, patchify
 
 CODEC_SCALE = 2  # pixel-unshuffle factor of the fake codec
 CHANNELS = 3 * CODEC_SCALE * CODEC_SCALE
@@ -210,3 +210,16 @@ def test_target_like_sets_the_output_aspect_at_the_target_budget(pipe):
     target = result.target_sizes[0]
     assert target.area <= pipe.model.spec.target_budget
     assert abs(target.aspect / 3.0 - 1) < 0.35  # 3:1 at the budget, not the last reference's 1:2
+
+
+def test_on_step_sees_every_step_and_its_last_euler_update_gives_the_output(pipe):
+    seen: list[tuple[int, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]] = []
+    result = _run(pipe, REQUESTS, seed=1, guidance=2.0, on_step=lambda i, s, xs, v: seen.append((i, s, xs, v)))
+    assert [i for i, *_ in seen] == [0, 1, 2]
+    step, sigma, xs, vs = seen[-1]
+    for b, (x, v) in enumerate(zip(xs, vs, strict=True)):
+        assert sigma.shape == (len(REQUESTS),)
+        final = x - result.sigmas[b][step] * v  # the last Euler step lands on sigma 0
+        assert result.sigmas[b][step + 1] == 0
+        expected = patchify(result.latents[b], pipe.model.spec.patch_size)
+        torch.testing.assert_close(final.to(expected.dtype), expected, rtol=1e-5, atol=1e-5)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,9 @@ from uniref.images import image_size, resize, to_pil, to_tensor
 from uniref.models import load_model
 from uniref.models.base import AUTO_DTYPE, DEFAULT_NEGATIVE, Conditioning, EditModel, resolve_dtype
 from uniref.sequence import PackedBatch, SelfSequence, build_sequence, pack_sequences
+
+# (step index, sigma (B,), per-sample target tokens, per-sample guided velocities)
+StepCallback = Callable[[int, torch.Tensor, list[torch.Tensor], list[torch.Tensor]], None]
 
 
 @dataclass
@@ -194,10 +197,14 @@ class EditPipeline:
         decode: bool = True,
         capacity: int | None = None,
         target_like: Size | Sequence[Size | None] | None = None,
+        on_step: StepCallback | None = None,
     ) -> EditResult:
         """As ``__call__``, returning the full :class:`EditResult` (``decode=False`` skips the VAE;
         ``capacity`` is the packed row length in tokens, default the longest sample; ``target_like``
-        gives each output the aspect of this size at the target budget, e.g. a ground-truth target's)."""
+        gives each output the aspect of this size at the target budget, e.g. a ground-truth target's).
+        ``on_step(i, sigma, xs, velocities)`` sees every sampler step before its Euler update, like
+        diffusers' ``callback_on_step_end``: ``sigma`` (B,), per sample the target tokens and the
+        (guided) velocity; x̂0 = x - sigma * v. It must not modify them."""
         timings = Timings(load=self.load_seconds)
         start = time.perf_counter()
         prep = self.prepare(
@@ -217,7 +224,7 @@ class EditPipeline:
 
         start = time.perf_counter()
         final = self._denoise(
-            prep.sequences, prep.cond, prep.neg_cond, prep.schedules, prep.guidance, progress, capacity
+            prep.sequences, prep.cond, prep.neg_cond, prep.schedules, prep.guidance, progress, capacity, on_step
         )
         latents = [seq.target_latent(x) for seq, x in zip(prep.sequences, final, strict=True)]  # each (C, h, w)
         timings.denoise = time.perf_counter() - start
@@ -304,6 +311,7 @@ class EditPipeline:
         guidance: float,
         progress: bool,
         capacity: int | None,
+        on_step: StepCallback | None = None,
     ) -> list[torch.Tensor]:
         """Euler-integrate every sample's target tokens; references stay clean. Returns per sample
         the final target tokens (L_target_i, D)."""
@@ -315,6 +323,8 @@ class EditPipeline:
             for i in tqdm(range(steps), desc="denoise", disable=not progress, leave=False):
                 sigma = torch.stack([s[i] for s in schedules])  # (B,)
                 v = target_velocity(self.model, batch, xs, cond, neg_cond, sigma, guidance)
+                if on_step is not None:
+                    on_step(i, sigma, xs, v)
                 xs = [
                     flow.euler_step(x, vi, s[i].float(), s[i + 1].float())
                     for x, vi, s in zip(xs, v, schedules, strict=True)
