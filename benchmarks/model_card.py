@@ -24,6 +24,10 @@ from uniref.images import save_image
 from uniref.pipeline import EditPipeline
 from uniref.viz import SheetRow, draw_sheet
 
+SPLIT_WORDS = {
+    "test": "Held-out **test** split (seeds disjoint from training and validation)",
+    "val": "**Validation** split (for choosing; the card's figures are on test)",
+}
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "models"
 GRID_ROWS = 8
 
@@ -111,7 +115,7 @@ def goal_table(reports: dict[str, EvalReport], model: str) -> list[str]:
     return markdown_table(header, body).splitlines()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", type=Path, required=True)
     parser.add_argument("--model", default="tiny")
@@ -119,13 +123,19 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=64, help="test single edits, and as many compositions")
     parser.add_argument("--max-refs", type=int, default=6)
     parser.add_argument("--steps", type=int, default=None)
-    args = parser.parse_args()
+    parser.add_argument(
+        "--split", choices=["val", "test"], default="test", help="val to choose between models, test for the card"
+    )
+    parser.add_argument("--out", type=Path, default=DOCS, help="folder for tiny_eval.md and its figures")
+    args = parser.parse_args(argv)
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
 
     size_range = SizeRange(48, 160)
     samples = [
-        *split_samples("test", args.n, TaskConfig(tasks=parse_tasks("edit"), size_range=size_range)),
+        *split_samples(args.split, args.n, TaskConfig(tasks=parse_tasks("edit"), size_range=size_range)),
         *split_samples(
-            "test", args.n, TaskConfig(tasks=parse_tasks("compose"), max_refs=args.max_refs, size_range=size_range)
+            args.split, args.n, TaskConfig(tasks=parse_tasks("compose"), max_refs=args.max_refs, size_range=size_range)
         ),
     ]
     reports: dict[str, EvalReport] = {}
@@ -137,8 +147,8 @@ def main() -> None:
         seconds[name] = time.perf_counter() - start
     reports |= {f"baseline: {name}": rep for name, rep in evaluate_baselines(samples).items()}
     trained = reports[args.model]
-    facts = loss_curve(args.run / "metrics.jsonl", DOCS / "tiny_loss.png")
-    picked = [i for i in range(len(samples)) if i % (len(samples) // GRID_ROWS) == 0][:GRID_ROWS]
+    facts = loss_curve(args.run / "metrics.jsonl", out / "tiny_loss.png")
+    picked = [i for i in range(len(samples)) if i % max(1, len(samples) // GRID_ROWS) == 0][:GRID_ROWS]
     rows = [
         SheetRow(
             list(samples[i].refs),
@@ -147,15 +157,17 @@ def main() -> None:
         )
         for i in picked
     ]
-    save_image(draw_sheet(rows), DOCS / "tiny_samples.png")
+    save_image(draw_sheet(rows), out / "tiny_samples.png")
 
     command = f"python -m benchmarks.model_card --run {args.run} --model {args.model} --n {args.n}"
     if args.compare != ["tiny-random"]:
         command += " --compare " + " ".join(args.compare)
+    if args.split != "test":
+        command += f" --split {args.split} --out {out}"
     text = [
         f"Command: `{command}`",
         "",
-        f"Held-out **test** split (seeds disjoint from training and validation): the first {args.n} single "
+        f"{SPLIT_WORDS[args.split]}: the first {args.n} single "
         f"edits and the first {args.n} compositions (compose, transfer, conflict; K = 2–{args.max_refs}); "
         f"sampler steps: {args.steps or 'model default'}; evaluating `{args.model}` took "
         f"{seconds[args.model]:.0f} s. `overall` = √(instruction · worst ref) per sample, then the mean "
@@ -180,7 +192,7 @@ def main() -> None:
         *table("task", _rows(reports, lambda r: r.task)),
         "",
     ]
-    (DOCS / "tiny_eval.md").write_text("\n".join(text))
+    (out / "tiny_eval.md").write_text("\n".join(text))
     print("\n".join(text))
 
 

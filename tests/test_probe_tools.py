@@ -69,3 +69,23 @@ def test_x0_trace_guesses_end_where_the_sampler_does(tmp_path: Path) -> None:
     plain = pipe.generate(s.instruction, list(s.refs), seed=0, budget=48, target_budget=48, target_like=like).images[0]
     assert output.size == plain.size
     assert np.abs(np.asarray(output, np.int16) - np.asarray(plain, np.int16)).max() <= 1
+
+
+def test_model_card_on_val_writes_its_tables_and_figures_where_told(tmp_path: Path) -> None:
+    import json
+
+    from benchmarks import model_card
+
+    folder = build_tiny(SMALL, seed=3).save(tmp_path / "model", target_budget=48 * 48, ref_budget=48 * 48)
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [{"step": s, "time": 10.0 * s, "loss": 1.0 / s, "stage": 0, "budget": 48} for s in range(1, 6)]
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    out = tmp_path / "card"
+    model_card.main(
+        ["--run", str(run), "--model", str(folder), "--compare", "--n", "2", "--split", "val", "--out", str(out)]
+    )
+    text = (out / "tiny_eval.md").read_text()
+    assert "**Validation** split" in text and "--split val" in text
+    assert "baseline: copy_first" in text and "0.01 h" in text  # 4 gaps of 10 s
+    assert (out / "tiny_loss.png").stat().st_size > 0 and (out / "tiny_samples.png").stat().st_size > 0
