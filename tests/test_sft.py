@@ -62,6 +62,15 @@ def test_checkpoints_are_complete_pruned_and_leave_no_temp_folders(tmp_path: Pat
     assert saved.train.max_steps == 6 and saved.run.output_dir == tmp_path
 
 
+def test_the_checkpoint_that_ends_each_stage_is_written_and_never_pruned(tmp_path: Path) -> None:
+    stages = "stages=[{budget: 32, steps: 3, batch_size: 4}, {budget: 48, steps: 5, batch_size: 4}]"
+    train_sft(_config(tmp_path, stages, "log.keep_last=1", "train.max_steps=8"))
+    # Step 3 ends stage 1 off the every-2 rhythm; keep_last=1 keeps only the newest of the rest.
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000003", "step_00000008"]
+    _, _, state = load_checkpoint(list_checkpoints(tmp_path)[0])
+    assert state["step"] == 3
+
+
 def test_metrics_log_loss_by_task_and_k_and_packing(tmp_path: Path) -> None:
     train_sft(_config(tmp_path, "train.max_steps=2"))
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

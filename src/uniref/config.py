@@ -42,6 +42,10 @@ class TrainingConfig(StrictModel):
     run: RunSection = Field(default_factory=RunSection)
     train: TrainSection = Field(default_factory=TrainSection)
 
+    def stage_ends(self) -> list[int]:
+        """Optimizer steps that end a curriculum stage (their checkpoints are kept); none by default."""
+        return []
+
 
 def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
     """``["a.b=1", "c=x"]`` -> nested dict ``{"a": {"b": 1}, "c": "x"}`` (values parsed as YAML)."""

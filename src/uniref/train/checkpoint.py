@@ -5,7 +5,7 @@ run exactly: the trainable weights (safetensors), the EMA weights, the optimizer
 state, every RNG (python, numpy, torch, the run's own generators), the data stream's position, the
 step and the curriculum stage. It is written into ``.step_00001234.tmp/``, each file fsynced, then
 renamed into place, so a crash mid-write never leaves a half checkpoint that resume would pick up.
-Only the newest ``keep_last`` are kept.
+Only the newest ``keep_last`` are kept, and those that end a curriculum stage (to be scored later).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +53,10 @@ def save_checkpoint(
     state: dict[str, Any],
     ema: dict[str, torch.Tensor] | None = None,
     keep_last: int = 3,
+    keep_steps: Collection[int] = (),
 ) -> Path:
-    """Write the checkpoint of ``step`` atomically and prune old ones; returns its folder."""
+    """Write the checkpoint of ``step`` atomically and prune old ones but the newest ``keep_last``
+    and those of ``keep_steps``; returns its folder."""
     root = Path(run_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:08d}"
@@ -72,7 +75,8 @@ def save_checkpoint(
     os.replace(tmp, final)
     _fsync_dir(root)
     for old in list_checkpoints(run_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        if checkpoint_step(old) not in keep_steps:
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 
@@ -82,7 +86,11 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / STATE).is_file()]
-    return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
+    return sorted(found, key=checkpoint_step)
+
+
+def checkpoint_step(folder: Path) -> int:
+    return int(folder.name[len(PREFIX) :])
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

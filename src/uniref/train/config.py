@@ -99,7 +99,7 @@ class LossSection(StrictModel):
 class LogSection(StrictModel):
     log_every: int = Field(10, ge=1)
     checkpoint_every: int = Field(500, ge=1)
-    keep_last: int = Field(3, ge=1)
+    keep_last: int = Field(3, ge=1, description="newest checkpoints kept; stage ends are kept as well")
     preview_every: int = Field(500, ge=1)
     val_every: int = Field(1000, ge=1)
     val_samples: int = Field(32, ge=0)
@@ -129,6 +129,11 @@ class SFTConfig(TrainingConfig):
 
     def stage_start(self, index: int) -> int:
         return sum(s.steps for s in self.stages[:index])
+
+    def stage_ends(self) -> list[int]:
+        """The last step of every stage but the final one: the model as each stage leaves it, to be
+        scored before the next stage widens the task (``log.keep_last`` never prunes them)."""
+        return [self.stage_start(i) for i in range(1, len(self.stages))]
 
     def lr_factor(self, step: int) -> float:
         """Multiplier of ``optim.lr`` at ``step``. The cosine spans the curriculum (the stages), not

@@ -95,6 +95,7 @@ class Runtime:
 
         self.config = config
         self.out = Path(config.run.output_dir)
+        self.stage_ends = frozenset(config.stage_ends())
         use_cuda = torch.cuda.is_available()
         bf16 = use_cuda and torch.cuda.is_bf16_supported()
         self.accelerator = Accelerator(cpu=not use_cuda, mixed_precision="bf16" if bf16 else "no")
@@ -189,7 +190,9 @@ class Runtime:
                 "skipped_nonfinite": self.skipped_nonfinite,
             }
             ema = self.ema.state_dict() if self.ema is not None else None
-            path = save_checkpoint(self.out, step, self.trainable_state(), state, ema, self.config.log.keep_last)
+            path = save_checkpoint(
+                self.out, step, self.trainable_state(), state, ema, self.config.log.keep_last, self.stage_ends
+            )
         self.accelerator.wait_for_everyone()
         return path
 
@@ -222,7 +225,8 @@ class Runtime:
     def end_step(self, done: int, total: int, hooks: Any = None) -> bool:
         """After optimizer step ``done``: checkpoint when due (every ``log.checkpoint_every``, at the end,
         or on a stop request), then test hooks. True: the loop must stop now."""
-        if done % self.config.log.checkpoint_every == 0 or done == total or self.stop_requested:
+        due = done % self.config.log.checkpoint_every == 0 or done in self.stage_ends
+        if due or done == total or self.stop_requested:
             self.save(done)
         if hooks is not None:
             hooks.after_step(done, self)
