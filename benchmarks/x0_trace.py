@@ -21,6 +21,7 @@ from uniref.data import SizeRange, TaskConfig, parse_tasks
 from uniref.data.splits import split_samples
 from uniref.images import atomic_path
 from uniref.pipeline import EditPipeline
+from uniref.sequence import unpatchify
 from uniref.viz import SheetRow, draw_sheet
 
 
@@ -36,8 +37,9 @@ def trace(pipe: EditPipeline, instruction: str, refs: list, like: Size, budget: 
     result = pipe.generate(
         instruction, refs, budget=budget, target_budget=budget, target_like=like, progress=False, on_step=keep_x0
     )
-    seq = pipe.prepare(instruction, refs, budget=budget, target_budget=budget, target_like=like).sequences[0]
-    images = pipe.decode([seq.target_latent(g) for g in guesses])
+    _, h, w = result.latents[0].shape  # tokens back to a latent of the output's grid
+    patch = pipe.model.spec.patch_size
+    images = pipe.decode([unpatchify(g, h // patch, w // patch, patch) for g in guesses])
     return images, sigmas, result.images[0]
 
 
