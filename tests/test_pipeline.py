@@ -223,3 +223,11 @@ def test_on_step_sees_every_step_and_its_last_euler_update_gives_the_output(pipe
         assert result.sigmas[b][step + 1] == 0
         expected = patchify(result.latents[b], pipe.model.spec.patch_size)
         torch.testing.assert_close(final.to(expected.dtype), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_generate_is_prepare_then_denoise(pipe):
+    result = _run(pipe, REQUESTS, seed=2)
+    prep = pipe.prepare([r[0] for r in REQUESTS], [r[1] for r in REQUESTS], [r[2] for r in REQUESTS], steps=3, seed=2)
+    final = pipe.denoise(prep)
+    for b, seq in enumerate(prep.sequences):
+        torch.testing.assert_close(seq.target_latent(final[b]), result.latents[b])

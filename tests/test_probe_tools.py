@@ -89,3 +89,47 @@ def test_model_card_on_val_writes_its_tables_and_figures_where_told(tmp_path: Pa
     assert "**Validation** split" in text and "--split val" in text
     assert "baseline: copy_first" in text and "0.01 h" in text  # 4 gaps of 10 s
     assert (out / "tiny_loss.png").stat().st_size > 0 and (out / "tiny_samples.png").stat().st_size > 0
+
+
+def test_detail_loss_starts_the_sampler_from_the_truth_renoised_to_the_first_sigma_below_the_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from benchmarks import detail_loss
+
+    from uniref.budget import Size
+    from uniref.images import resize, to_tensor
+    from uniref.pipeline import EditPipeline
+    from uniref.sequence import patchify
+
+    folder = build_tiny(SMALL, seed=4).save(tmp_path / "model", target_budget=48 * 48, ref_budget=48 * 48)
+    pipe = EditPipeline.from_pretrained(str(folder))
+    sample = generate(7, TaskConfig(parse_tasks("compose"), 2))
+    like = Size(*sample.target.size)
+    plain = pipe.prepare(sample.instruction, list(sample.refs), budget=48, target_budget=48, target_like=like, seed=3)
+    seen = {}
+    denoise = pipe.denoise
+
+    def spy(prep, **kw):
+        seen["schedule"] = prep.schedules[0].clone()
+        seen["start"] = prep.sequences[0].tokens[: prep.sequences[0].num_target_tokens].clone()
+        return denoise(prep, **kw)
+
+    monkeypatch.setattr(pipe, "denoise", spy)
+    image = detail_loss.start_from_truth(pipe, sample, 48, 0.5, seed=3)
+    full = plain.schedules[0]
+    first = int(torch.nonzero(full <= 0.5)[0])
+    torch.testing.assert_close(seen["schedule"], full[first:])  # the default schedule's tail, down to 0
+    seq = plain.sequences[0]
+    rows, cols = seq.grids[0]
+    side = pipe.model.spec.token_pixels
+    truth = pipe.model.encode_images([to_tensor(resize(sample.target, Size(cols * side, rows * side)))])[0]
+    sigma = full[first]
+    noise = seq.tokens[: seq.num_target_tokens]  # the request's own noise
+    torch.testing.assert_close(seen["start"], (1 - sigma) * patchify(truth, seq.patch) + sigma * noise)
+    assert image.size == (cols * side, rows * side)
+    # σ₀ = 0 is the codec's round trip: no sampler step at all.
+    seen.clear()
+    assert detail_loss.start_from_truth(pipe, sample, 48, 0.0).size == image.size and not seen
+    row = detail_loss.score_row([sample], [image])
+    assert set(row) == {"overall", "worst ref", "instruction", *detail_loss.PARTS, "background"}
+    assert all(0.0 <= v <= 1.0 for v in row.values())

@@ -223,9 +223,7 @@ class EditPipeline:
         timings.encode = time.perf_counter() - start
 
         start = time.perf_counter()
-        final = self._denoise(
-            prep.sequences, prep.cond, prep.neg_cond, prep.schedules, prep.guidance, progress, capacity, on_step
-        )
+        final = self.denoise(prep, progress=progress, capacity=capacity, on_step=on_step)
         latents = [seq.target_latent(x) for seq, x in zip(prep.sequences, final, strict=True)]  # each (C, h, w)
         timings.denoise = time.perf_counter() - start
 
@@ -275,6 +273,22 @@ class EditPipeline:
         ]
         schedules = [flow.sigmas(steps, seq.num_target_tokens, model.spec.schedule) for seq in sequences]
         return Prepared(sequences, cond, neg_cond, ref_plans, targets, schedules, guidance)
+
+    def denoise(
+        self,
+        prep: Prepared,
+        *,
+        progress: bool = False,
+        capacity: int | None = None,
+        on_step: StepCallback | None = None,
+    ) -> list[torch.Tensor]:
+        """Run the sampler on a prepared batch from its sequences' target tokens along its schedules
+        (equal lengths); per request the final target tokens (L_target_i, D). A caller may first put
+        other start tokens and a shortened schedule in ``prep`` (SDEdit-style: start from an image
+        re-noised to σ₀ and integrate from σ₀)."""
+        return self._denoise(
+            prep.sequences, prep.cond, prep.neg_cond, prep.schedules, prep.guidance, progress, capacity, on_step
+        )
 
     def decode(self, latents: Sequence[torch.Tensor]) -> list[Image.Image]:
         """Target latents (C, h, w) -> PIL images."""
