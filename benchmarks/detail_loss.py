@@ -23,13 +23,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+from benchmarks.routing_diagnostics import object_scores
 from uniref.budget import Size
 from uniref.data import SizeRange, TaskConfig, parse_tasks
 from uniref.data.sample import Sample
 from uniref.data.splits import split_samples
 from uniref.images import atomic_path, resize, to_tensor
 from uniref.pipeline import EditPipeline
-from uniref.rewards.metrics import Scorer
+from uniref.rewards.metrics import score
 from uniref.sequence import patchify
 from uniref.viz import SheetRow, draw_sheet
 
@@ -64,18 +65,13 @@ def start_from_truth(pipe: EditPipeline, sample: Sample, budget: int, sigma0: fl
 
 def score_row(samples: Sequence[Sample], outputs: Sequence[Image.Image]) -> dict[str, float]:
     """Mean ``overall``, worst ref and instruction per sample, and mean placed-object parts and background."""
-    cells: dict[str, list[float]] = {k: [] for k in ("overall", "worst ref", "instruction", *PARTS, "background")}
-    for sample, output in zip(samples, outputs, strict=True):
-        scorer = Scorer(sample)
-        score = scorer(output)
-        objects, background = scorer.parts(output)
-        cells["overall"].append(score.overall)
-        cells["worst ref"].append(score.worst_ref)
-        cells["instruction"].append(score.instruction)
-        for obj in objects:
-            for key in PARTS:
-                cells[key].append(getattr(obj, key))
-        cells["background"].append(background)
+    scores = [score(output, sample) for sample, output in zip(samples, outputs, strict=True)]
+    cells = {
+        "overall": [s.overall for s in scores],
+        "worst ref": [s.worst_ref for s in scores],
+        "instruction": [s.instruction for s in scores],
+        **object_scores(samples, outputs),
+    }
     return {k: float(np.mean(v)) if v else float("nan") for k, v in cells.items()}
 
 
