@@ -7,7 +7,8 @@ the sampler starts from
   default schedule from its first σ <= σ₀, the request's own noise), and
 * pure noise (the normal sampler, σ₀ = 1),
 
-beside the codec's round trip of the ground truth (σ₀ = 0: the ceiling a perfect denoiser reaches).
+beside the codec's round trip of the ground truth (σ₀ = 0: the ceiling a perfect denoiser reaches)
+and the trivial baselines.
 If the output from a lightly re-noised truth already scores far below the round trip, the denoiser
 loses detail that it is handed, not only the layout it must invent at high noise.
 
@@ -28,6 +29,7 @@ from uniref.budget import Size
 from uniref.data import SizeRange, TaskConfig, parse_tasks
 from uniref.data.sample import Sample
 from uniref.data.splits import split_samples
+from uniref.eval import BASELINES, baseline_output
 from uniref.images import atomic_path, resize, to_tensor
 from uniref.pipeline import EditPipeline
 from uniref.rewards.metrics import score
@@ -99,6 +101,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             label = "pure noise" if sigma0 >= 1 else "codec round trip" if sigma0 <= 0 else f"truth at σ₀ {sigma0:g}"
             row = score_row(samples, outputs)
             print(f"| {label} | " + " | ".join(f"{row[k]:.3f}" for k in header[1:]) + " |", flush=True)
+        for name in BASELINES:  # what a trivial output scores on the same samples
+            row = score_row(samples, [baseline_output(name, samples, i) for i in range(len(samples))])
+            print(f"| *baseline: {name}* | " + " | ".join(f"{row[k]:.3f}" for k in header[1:]) + " |")
         for i, s in enumerate(samples[:4]):
             outs = [by_start[sigma0][i] for sigma0 in starts]
             label = f"{model}: starts sigma0 " + ", ".join(f"{x:g}" for x in starts) + "; target"
