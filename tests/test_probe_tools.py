@@ -133,3 +133,27 @@ def test_detail_loss_starts_the_sampler_from_the_truth_renoised_to_the_first_sig
     row = detail_loss.score_row([sample], [image])
     assert set(row) == {"overall", "worst ref", "instruction", *detail_loss.PARTS, "background"}
     assert all(0.0 <= v <= 1.0 for v in row.values())
+
+
+def test_a_widened_model_computes_what_the_trained_one_did_and_its_copies_can_part(tmp_path: Path) -> None:
+    from benchmarks.grow_tiny import widen
+
+    model = build_tiny(SMALL, seed=2)
+    with torch.no_grad():  # trained gates are not zero (a fresh model's adaLN-zero would hide errors)
+        for block in model.net.blocks:
+            for stream in (block.img, block.txt):
+                stream.modulation.bias.normal_(0, 0.3)
+        model.net.out_mod.bias.normal_(0, 0.3)
+    samples = [generate(i, TaskConfig(parse_tasks("add,compose"), 3)) for i in range(4)]
+    wide = widen(model, 64, noise=0.0)
+    assert (wide.config.width, wide.config.heads) == (64, 4)
+    torch.testing.assert_close(_x0(wide, samples), _x0(model, samples), rtol=1e-4, atol=1e-5)
+    # With the symmetry-breaking noise the function moves a little, and the two copies of a weight differ.
+    noisy = widen(model, 64)
+    assert (_x0(noisy, samples) - _x0(model, samples)).abs().max() < 0.05
+    w = noisy.net.blocks[0].img.mlp[0].weight
+    assert not torch.equal(w[:, :32], w[:, 32:])
+    main([str(model.save(tmp_path / "m")), "--width", "64", "-o", str(tmp_path / "wide")])
+    assert load_tiny_folder(tmp_path / "wide").config.width == 64
+    with pytest.raises(ValueError, match="only doubling"):
+        widen(model, 48)
