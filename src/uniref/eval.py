@@ -224,6 +224,7 @@ def evaluate(
     *,
     steps: int | None = None,
     guidance: float | None = None,
+    noise_level: float | None = None,
     batch_size: int = 8,
     seed: int = 0,
     budget: int | str | None = None,
@@ -257,6 +258,7 @@ def evaluate(
                 [s.refs for s in batch],
                 steps=steps,
                 guidance=guidance,
+                noise_level=noise_level,
                 seed=seed + index,
                 budget=budget,
                 target_budget=target_budget,
@@ -275,6 +277,7 @@ def evaluate(
     settings = {
         "steps": steps,
         "guidance": guidance,
+        "noise_level": noise_level,
         "seed": seed,
         "budget": budget,
         "target_budget": target_budget,

@@ -38,6 +38,9 @@ from uniref.models import load_model
 from uniref.models.base import AUTO_DTYPE, DEFAULT_NEGATIVE, Conditioning, EditModel, resolve_dtype
 from uniref.sequence import PackedBatch, SelfSequence, build_sequence, pack_sequences
 
+# The SDE sampler's noise for a request of seed s comes from seed s + this: not the initial noise's stream.
+SAMPLER_SEED_OFFSET = 1_000_003
+
 # (step index, sigma (B,), per-sample target tokens, per-sample guided velocities)
 StepCallback = Callable[[int, torch.Tensor, list[torch.Tensor], list[torch.Tensor]], None]
 
@@ -88,6 +91,10 @@ class Prepared:
     targets: list[Size]
     schedules: list[torch.Tensor]  # per request (steps + 1,)
     guidance: float
+    # The stochastic sampler's noise level (0: the Euler ODE) and each request's seed, which also
+    # seeds that request's sampler noise so that a request's output never depends on its batch.
+    noise_level: float = 0.0
+    seeds: list[int] = field(default_factory=list)
 
 
 class EditPipeline:
@@ -198,13 +205,16 @@ class EditPipeline:
         capacity: int | None = None,
         target_like: Size | Sequence[Size | None] | None = None,
         on_step: StepCallback | None = None,
+        noise_level: float | None = None,
     ) -> EditResult:
         """As ``__call__``, returning the full :class:`EditResult` (``decode=False`` skips the VAE;
         ``capacity`` is the packed row length in tokens, default the longest sample; ``target_like``
         gives each output the aspect of this size at the target budget, e.g. a ground-truth target's).
         ``on_step(i, sigma, xs, velocities)`` sees every sampler step before its Euler update, like
         diffusers' ``callback_on_step_end``: ``sigma`` (B,), per sample the target tokens and the
-        (guided) velocity; x̂0 = x - sigma * v. It must not modify them."""
+        (guided) velocity; x̂0 = x - sigma * v. It must not modify them. ``noise_level`` > 0 samples
+        with the SDE that shares the ODE's marginals (:func:`uniref.flow.sde_step`, Flow-GRPO's) instead
+        of Euler steps; default: the model's ``default_noise_level``."""
         timings = Timings(load=self.load_seconds)
         start = time.perf_counter()
         prep = self.prepare(
@@ -219,6 +229,7 @@ class EditPipeline:
             target_budget=target_budget,
             mode=mode,
             target_like=target_like,
+            noise_level=noise_level,
         )
         timings.encode = time.perf_counter() - start
 
@@ -249,6 +260,7 @@ class EditPipeline:
         target_budget: int | str | None = None,
         mode: PlanMode | str = PlanMode.GLOBAL,
         target_like: Size | Sequence[Size | None] | None = None,
+        noise_level: float | None = None,
     ) -> Prepared:
         """Everything before denoising (sizes, conditioning, reference latents, noise, SELF sequences,
         schedules), for samplers of their own such as MSGRPO's SDE rollouts."""
@@ -257,6 +269,9 @@ class EditPipeline:
         model = self.model
         steps = model.default_steps if steps is None else steps
         guidance = model.default_guidance if guidance is None else guidance
+        noise_level = model.default_noise_level if noise_level is None else noise_level
+        if not noise_level >= 0:
+            raise ValueError(f"noise_level={noise_level}: must be 0 (the ODE) or more")
         planned = [
             self.plan_sizes(r, size=s, budget=budget, target_budget=target_budget, mode=mode, like=lk)
             for r, s, lk in zip(ref_lists, sizes, likes, strict=True)
@@ -272,7 +287,7 @@ class EditPipeline:
             for target, s, lats in zip(targets, seeds, ref_latents, strict=True)
         ]
         schedules = [flow.sigmas(steps, seq.num_target_tokens, model.spec.schedule) for seq in sequences]
-        return Prepared(sequences, cond, neg_cond, ref_plans, targets, schedules, guidance)
+        return Prepared(sequences, cond, neg_cond, ref_plans, targets, schedules, guidance, noise_level, list(seeds))
 
     def denoise(
         self,
@@ -287,7 +302,16 @@ class EditPipeline:
         other start tokens and a shortened schedule in ``prep`` (SDEdit-style: start from an image
         re-noised to σ₀ and integrate from σ₀)."""
         return self._denoise(
-            prep.sequences, prep.cond, prep.neg_cond, prep.schedules, prep.guidance, progress, capacity, on_step
+            prep.sequences,
+            prep.cond,
+            prep.neg_cond,
+            prep.schedules,
+            prep.guidance,
+            progress,
+            capacity,
+            on_step,
+            noise_level=prep.noise_level,
+            seeds=prep.seeds,
         )
 
     def decode(self, latents: Sequence[torch.Tensor]) -> list[Image.Image]:
@@ -326,24 +350,44 @@ class EditPipeline:
         progress: bool,
         capacity: int | None,
         on_step: StepCallback | None = None,
+        *,
+        noise_level: float = 0.0,
+        seeds: Sequence[int] = (),
     ) -> list[torch.Tensor]:
-        """Euler-integrate every sample's target tokens; references stay clean. Returns per sample
-        the final target tokens (L_target_i, D)."""
+        """Euler-integrate every sample's target tokens, or with ``noise_level`` > 0 take SDE steps
+        (the last step stays Euler, so no fresh noise is left in the output); references stay clean.
+        Returns per sample the final target tokens (L_target_i, D)."""
         batch = pack_for_denoising(sequences, cond, neg_cond, capacity)
         self.last_packing = batch.rows
         xs = [seq.tokens[: seq.num_target_tokens].clone() for seq in sequences]  # each (L_t, D)
         steps = len(schedules[0]) - 1
+        if noise_level > 0 and len(seeds) != len(sequences):
+            raise ValueError(f"noise_level={noise_level} needs one seed per request ({len(sequences)})")
+        generators = [torch.Generator().manual_seed(SAMPLER_SEED_OFFSET + s) for s in seeds]
         with condition_cache(self.model):
             for i in tqdm(range(steps), desc="denoise", disable=not progress, leave=False):
                 sigma = torch.stack([s[i] for s in schedules])  # (B,)
                 v = target_velocity(self.model, batch, xs, cond, neg_cond, sigma, guidance)
                 if on_step is not None:
                     on_step(i, sigma, xs, v)
-                xs = [
-                    flow.euler_step(x, vi, s[i].float(), s[i + 1].float())
-                    for x, vi, s in zip(xs, v, schedules, strict=True)
-                ]
+                if noise_level > 0 and i < steps - 1:
+                    xs = [
+                        flow.sde_step(x, vi, s[i].float(), s[i + 1].float(), noise_level, noise=_draw(g, x)).x_next.to(
+                            x.dtype
+                        )
+                        for x, vi, s, g in zip(xs, v, schedules, generators, strict=True)
+                    ]
+                else:
+                    xs = [
+                        flow.euler_step(x, vi, s[i].float(), s[i + 1].float())
+                        for x, vi, s in zip(xs, v, schedules, strict=True)
+                    ]
         return xs
+
+
+def _draw(generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
+    """Standard normal noise shaped as ``like``, drawn on the CPU (as the initial noise) and moved."""
+    return torch.randn(like.shape, generator=generator, dtype=torch.float32).to(like.device)
 
 
 def condition_cache(model: EditModel) -> contextlib.AbstractContextManager[Any]:

@@ -59,6 +59,10 @@ def edit_command(
     ] = None,
     steps: Annotated[int | None, typer.Option(min=1, help="denoising steps; default: the model's")] = None,
     guidance: Annotated[float | None, typer.Option(help="true-CFG scale (1 = off); default: the model's")] = None,
+    noise_level: Annotated[
+        float | None,
+        typer.Option("--noise-level", min=0.0, help="SDE sampler noise level (0 = Euler ODE); default: the model's"),
+    ] = None,
     seed: Annotated[int, typer.Option(help="noise seed")] = 0,
     budget: Annotated[str | None, typer.Option(help="reference pixel budget, 1024 = 1024²; default: native")] = None,
     mode: Annotated[PlanMode, typer.Option(help="global (SELF) or per_image (diffusers)")] = PlanMode.GLOBAL,
@@ -101,6 +105,7 @@ def edit_command(
                 target,
                 steps=steps,
                 guidance=guidance,
+                noise_level=noise_level,
                 seed=seed,
                 budget=budget,
                 mode=mode,

@@ -32,6 +32,10 @@ def eval_command(
     n: Annotated[int | None, typer.Option(min=1, help="evaluate only the first N good rows")] = None,
     steps: Annotated[int | None, typer.Option(min=1, help="denoising steps; default: the model's")] = None,
     guidance: Annotated[float | None, typer.Option(help="true-CFG scale (1 = off); default: the model's")] = None,
+    noise_level: Annotated[
+        float | None,
+        typer.Option("--noise-level", min=0.0, help="SDE sampler noise level (0 = Euler ODE); default: the model's"),
+    ] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="samples per pipeline call (mixed K is packed)")] = 8,
     seed: Annotated[int, typer.Option(help="noise seed of the first sample (sample i uses seed + i)")] = 0,
     budget: Annotated[str | None, typer.Option(help="reference pixel budget, 1024 = 1024²; default: native")] = None,
@@ -75,6 +79,7 @@ def eval_command(
             samples,
             steps=steps,
             guidance=guidance,
+            noise_level=noise_level,
             batch_size=batch_size,
             seed=seed,
             budget=budget,

@@ -61,12 +61,16 @@ def export_command(
     guidance: Annotated[
         float | None, typer.Option(min=1.0, help="default true-CFG scale stored with a tiny model (1 = off)")
     ] = None,
+    noise_level: Annotated[
+        float | None,
+        typer.Option("--noise-level", min=0.0, help="default SDE noise level stored with a tiny model (0 = Euler)"),
+    ] = None,
 ) -> None:
     """Turn a checkpoint into a model folder `--model` accepts (tiny), or LoRA safetensors (diffusers +
     ComfyUI) for adapter runs."""
     from uniref.train.export import export_run
 
-    written = export_run(run, out, step=step, ema=ema, half=half, guidance=guidance)
+    written = export_run(run, out, step=step, ema=ema, half=half, guidance=guidance, noise_level=noise_level)
     typer.echo(f"wrote {written}")
 
 

@@ -107,6 +107,8 @@ class EditModel(ABC):
     #: Sampling defaults used when the caller gives none (Qwen-Image-Edit's model card values).
     default_steps: int = 28
     default_guidance: float = 4.0
+    #: The sampler's SDE noise level (0: Euler ODE steps, the diffusers pipelines' sampler).
+    default_noise_level: float = 0.0
 
     @property
     @abstractmethod

@@ -102,6 +102,9 @@ class TinyConfig:
     # The true-CFG scale the pipeline uses by default: > 1 only for weights trained with
     # ``loss.instruction_dropout`` (the first shipped models were not, and sample unguided).
     guidance: float = 1.0
+    # The sampler's default SDE noise level (uniref.flow.sde_step; 0: Euler), chosen on the validation
+    # split for the weights it is saved with.
+    noise_level: float = 0.0
     # Qwen-Image's resolution shift with sequence lengths scaled by 1/64 (a 64² tiny target has 64
     # tokens where a 1024² Qwen target has 4096): shift ≈ 2.0 at 64², 2.6 at 96², 3.7 at 128².
     schedule: dict[str, Any] = field(
@@ -172,6 +175,7 @@ class TinyModel(EditModel):
         # DESIGN §7: sampler steps barely mattered for the tiny model (10 vs 40).
         self.default_steps = 20
         self.default_guidance = config.guidance
+        self.default_noise_level = config.noise_level
 
     @property
     def device(self) -> torch.device:
@@ -365,7 +369,8 @@ class TinyModel(EditModel):
     def save(self, folder: str | Path, dtype: torch.dtype | None = None, **native: float) -> Path:
         """Write ``uniref_model.json`` + ``model.safetensors`` atomically into ``folder``; ``dtype``
         (e.g. float16 for the shipped copy, half the bytes) and ``native`` budget overrides
-        (``ref_budget``, ``target_budget`` in pixels: the budget the weights were trained at; ``guidance``)."""
+        (``ref_budget``, ``target_budget`` in pixels: the budget the weights were trained at; ``guidance``;
+        ``noise_level``)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         config = {**asdict(self.config), **native}

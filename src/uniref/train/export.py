@@ -29,10 +29,12 @@ def export_run(
     ema: bool = True,
     half: bool = False,
     guidance: float | None = None,
+    noise_level: float | None = None,
 ) -> Path:
     """Export checkpoint ``step`` (default: newest) of ``run`` into ``out``; returns ``out``. ``guidance``
     (tiny) is the true-CFG scale the pipeline will use by default, chosen after training on the
-    validation split; it needs a run trained with ``loss.instruction_dropout``."""
+    validation split; it needs a run trained with ``loss.instruction_dropout``. ``noise_level`` (tiny) is
+    the sampler's default SDE noise level, also chosen on the validation split."""
     run, out = Path(run), Path(out)
     config = _run_config(run)
     ckpts = {int(p.name.split("_")[-1]): p for p in list_checkpoints(run)}
@@ -64,5 +66,7 @@ def export_run(
             )
     if guidance is not None:
         native["guidance"] = guidance
+    if noise_level is not None:
+        native["noise_level"] = noise_level
     model.save(out, dtype=torch.float16 if half else None, **native)
     return out
