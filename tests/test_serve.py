@@ -134,6 +134,22 @@ def test_concurrent_requests_share_one_call_and_equal_each_request_alone(pipe: E
         assert np.abs(decode(out[i]["data"][0]["b64_json"]) - alone(pipe, prompt, refs, seed, size)).max() <= 1
 
 
+def test_a_noise_level_request_samples_with_the_sde_as_the_pipeline_does(pipe: EditPipeline) -> None:
+    refs = [png(24, 16, 7)]
+    with client_for(pipe) as client:
+        info = client.get("/v1/models").json()["data"][0]["uniref"]
+        outs = [
+            decode(_post(client, files(*refs), seed="5", noise_level=level).json()["data"][0]["b64_json"])
+            for level in ("0", "0.8")
+        ]
+    assert info["default_noise_level"] == pipe.model.default_noise_level == 0.0
+    images = [Image.open(io.BytesIO(r)).convert("RGB") for r in refs]
+    sde = pipe.generate(PROMPT, images, steps=STEPS, seed=5, noise_level=0.8, progress=False).images[0]
+    assert np.abs(outs[1] - np.asarray(sde, dtype=np.int16)).max() <= 1
+    assert np.abs(outs[0] - alone(pipe, PROMPT, refs, 5)).max() <= 1
+    assert np.abs(outs[0] - outs[1]).max() > 1
+
+
 def _job(steps: int, seed: int = 0, n: int = 1) -> EditJob:
     return EditJob(instruction="make it red", refs=[Image.new("RGB", (24, 16), "red")], n=n, seed=seed, steps=steps)
 
@@ -288,6 +304,7 @@ def _post(client: TestClient, form: list, **data: str) -> httpx.Response:
         ({}, files(png(8, 8)), {"steps": "0"}, 400, "steps", "steps 0: must be from 1"),
         ({}, files(png(8, 8)), {"steps": "two"}, 400, "steps", "expected a whole number"),
         ({}, files(png(8, 8)), {"guidance": "nan"}, 400, "guidance", "must be from 0"),
+        ({}, files(png(8, 8)), {"noise_level": "-0.5"}, 400, "noise_level", "must be from 0 to 2"),
         ({}, files(png(8, 8)), {"seed": "-1"}, 400, "seed", "seed -1"),
         ({}, files(png(8, 8)), {"mode": "global_round"}, 400, "mode", "choose one of global, per_image"),
         ({}, files(png(8, 8), png(8, 8)), {"budget": "8"}, 400, "budget", "cannot fit"),

@@ -160,6 +160,7 @@ def create_app(pipe: EditPipeline, config: ServeConfig | None = None) -> ServeAp
             "token_pixels": spec.token_pixels,
             "default_steps": model.default_steps,
             "default_guidance": model.default_guidance,
+            "default_noise_level": model.default_noise_level,
             "attention": hasattr(model, "record_attention"),
             "max_batch": config.max_batch,
             "limits": limits.as_dict(),
@@ -263,6 +264,7 @@ def parse_edit(form: dict[str, str], uploads: list[Upload], state: _State) -> Ed
     seed = int_field(form, "seed", 0, 2**63 - 1 - limits.max_n)
     steps = int_field(form, "steps", 1, limits.max_steps)
     guidance = float_field(form, "guidance", 0.0, limits.max_guidance)
+    noise_level = float_field(form, "noise_level", 0.0, limits.max_noise_level)
     budget = budget_arg(budget_field(form, "budget", spec.ref_budget))
     mode = mode_field(form, "mode", allow_round=False)
     attention = bool_field(form, "attention")
@@ -281,6 +283,7 @@ def parse_edit(form: dict[str, str], uploads: list[Upload], state: _State) -> Ed
         seed=seed or 0,
         steps=steps if steps is not None else model.default_steps,
         guidance=guidance if guidance is not None else model.default_guidance,
+        noise_level=noise_level if noise_level is not None else model.default_noise_level,
         budget=budget,
         mode=mode,
         attention=attention,

@@ -1,7 +1,7 @@
 """The request batcher: concurrent edit requests become packed pipeline calls on one worker thread.
 
 A request waits at most ``max_wait`` seconds after it arrives; then the oldest request and every later
-one that can share its call (same steps, guidance, budget and plan mode: the pipeline takes those once
+one that can share its call (same steps, guidance, noise level, budget and plan mode: the pipeline takes those once
 per call; K, sizes, seeds and instructions may all differ) run as one :meth:`EditPipeline.generate`
 call of at most ``max_batch`` samples. SELF makes that cheap: every request's references fit one
 budget, so samples of any K pack densely into rows. Request ``j`` keeps its own seeds, so its images
@@ -53,6 +53,7 @@ class EditJob:
     seed: int = 0  # image i of the request uses seed + i, as the pipeline numbers a batch
     steps: int | None = None
     guidance: float | None = None
+    noise_level: float | None = None  # the SDE sampler's (0: Euler); None: the model's
     budget: int | str | None = None  # reference budget as the pipeline takes it (an int is a side); None: native
     mode: PlanMode = PlanMode.GLOBAL
     attention: bool = False  # also return the per-reference attention summary (if the model records it)
@@ -60,7 +61,7 @@ class EditJob:
     @property
     def key(self) -> tuple[Any, ...]:
         """Requests with equal keys can share one pipeline call."""
-        return (self.steps, self.guidance, self.budget, self.mode)
+        return (self.steps, self.guidance, self.noise_level, self.budget, self.mode)
 
 
 @dataclass
@@ -265,6 +266,7 @@ class Batcher:
                 sizes,
                 steps=first.steps,
                 guidance=first.guidance,
+                noise_level=first.noise_level,
                 seed=seeds,
                 budget=first.budget,
                 mode=first.mode,

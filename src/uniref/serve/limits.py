@@ -43,6 +43,7 @@ class Limits:
     max_n: int = 4  # images per request (``n``)
     max_steps: int = 100  # denoising steps per request
     max_guidance: float = 20.0  # true-CFG scale (Qwen's examples use 4)
+    max_noise_level: float = 2.0  # the SDE sampler's noise level (Flow-GRPO samples at about 0.7)
 
     def as_dict(self) -> dict[str, Any]:
         return {f: getattr(self, f) for f in self.__dataclass_fields__}
