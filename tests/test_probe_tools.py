@@ -157,3 +157,14 @@ def test_a_widened_model_computes_what_the_trained_one_did_and_its_copies_can_pa
     assert load_tiny_folder(tmp_path / "wide").config.width == 64
     with pytest.raises(ValueError, match="only doubling"):
         widen(model, 48)
+
+
+def test_noise_level_table_has_a_row_per_level_and_paired_deltas_against_the_first(tmp_path: Path, capsys) -> None:
+    from benchmarks import noise_level
+
+    folder = build_tiny(SMALL, seed=5).save(tmp_path / "model", target_budget=48 * 48, ref_budget=48 * 48)
+    noise_level.main([str(folder), "--levels", "0,0.7", "--n", "3", "--max-refs", "3"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert lines[0].startswith("| noise level | compositions K = 2–4 (n = 3) | edits (K = 1) (n = 3) |")
+    assert lines[1].startswith("| 0 | ") and "Δ" not in lines[1]
+    assert lines[2].startswith("| 0.7 | ") and lines[2].count("Δ") == 2
