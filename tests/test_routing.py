@@ -199,6 +199,10 @@ def test_routing_diagnostics_reports_share_scores_and_overall(tmp_path: Path, ca
     assert "placed objects: iou" in out and "objects drawn by `add`: iou" in out
     assert "compositions" in out and "(n=2)" in out and "(n=1)" in out
     assert "colour in the words: " in out and "reference/output diameter: " in out
+    # Every placed object (two samples of K = 2: one each) and the add's object fall in one aspect group.
+    aspect = out.split("\n  output aspect: ")[1].split("\n")[0]
+    assert sum(int(cell.split("(n=")[1].split(")")[0]) for cell in aspect.split("; ")) == 2
+    assert "`add`: output aspect: " in out
     assert "x0 error as a fraction of the latent mean's, object / background tokens: sigma 1.0: " in out
 
 
