@@ -168,3 +168,12 @@ def test_noise_level_table_has_a_row_per_level_and_paired_deltas_against_the_fir
     assert lines[0].startswith("| noise level | compositions K = 2–4 (n = 3) | edits (K = 1) (n = 3) |")
     assert lines[1].startswith("| 0 | ") and "Δ" not in lines[1]
     assert lines[2].startswith("| 0.7 | ") and lines[2].count("Δ") == 2
+
+
+def test_train_speed_times_each_width_and_gives_ratios_to_the_first(capsys) -> None:
+    from benchmarks import train_speed
+
+    train_speed.main(["--widths", "32,64", "--steps", "6", "--warmup", "2", "--budget", "48", "--batch", "2"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "width" not in line]
+    assert [r.split("|")[1].strip() for r in rows] == ["32", "64"]
+    assert float(rows[0].split("|")[4]) == 1.0 and float(rows[1].split("|")[3]) > 0
