@@ -4,7 +4,8 @@ On the model card's sample sets of the **validation** split (``--n`` single edit
 compositions, K = 2..6), the model samples at every ``--levels`` value (0: the Euler ODE; > 0: the SDE
 sampler that shares its marginals, ``EditPipeline.generate(noise_level=...)``). Each level after the first
 is compared with the first on the same samples and seeds: the mean paired difference of `overall` and
-its 95 % bootstrap interval per group, so a level is chosen only when its gain is more than noise.
+its 95 % bootstrap interval per group, so a level is chosen only when its gain is more than noise;
+the trivial baselines' rows close the table.
 
     python -m benchmarks.noise_level tiny --levels 0,0.25,0.5,0.75 --n 64
 """
@@ -20,7 +21,7 @@ from benchmarks.ablations_rl import paired_bootstrap
 from benchmarks.model_card import _bucket
 from uniref.data import SizeRange, TaskConfig, parse_tasks
 from uniref.data.splits import split_samples
-from uniref.eval import EvalReport, SampleRecord, evaluate
+from uniref.eval import EvalReport, SampleRecord, evaluate, evaluate_baselines
 from uniref.pipeline import EditPipeline
 
 
@@ -64,6 +65,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                 d, lo, hi = paired_bootstrap(_subset(reports[levels[0]], g), _subset(report, g), "overall")
                 cells.append(f"{mean:.3f} (Δ {d:+.3f} [{lo:+.3f}, {hi:+.3f}])")
         print(f"| {level:g} | " + " | ".join(cells) + " |", flush=True)
+    for name, report in evaluate_baselines(samples).items():  # what a trivial output scores here
+        cells = [f"{np.mean([r.score.overall for r in _subset(report, g).records]):.3f}" for g in groups]
+        print(f"| *baseline: {name}* | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

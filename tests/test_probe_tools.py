@@ -168,6 +168,9 @@ def test_noise_level_table_has_a_row_per_level_and_paired_deltas_against_the_fir
     assert lines[0].startswith("| noise level | compositions K = 2–4 (n = 3) | edits (K = 1) (n = 3) |")
     assert lines[1].startswith("| 0 | ") and "Δ" not in lines[1]
     assert lines[2].startswith("| 0.7 | ") and lines[2].count("Δ") == 2
+    assert [line.split(" | ")[0] for line in lines[3:]] == [
+        f"| *baseline: {name}*" for name in ("copy_first", "copy_last", "grey", "other_target")
+    ]
 
 
 def test_train_speed_times_each_width_and_gives_ratios_to_the_first(capsys) -> None:
