@@ -337,3 +337,17 @@ def test_stages_with_their_own_task_mix_and_k_draw_from_their_own_scenes() -> No
     assert source.sample(5).instruction == first[5].instruction  # a pure function of the index
     plain = build_staged_source(config.data, [config.stages[2]])
     assert not isinstance(plain, StagedSource)
+
+
+def test_a_task_mix_entry_can_cap_its_own_k_and_a_bad_cap_is_named() -> None:
+    from uniref.errors import ConfigError
+    from uniref.train.data import SceneSource
+
+    source = SceneSource({"compose@2": 1.0, "compose": 1.0}, 6, "48:160")
+    ks = [source.sample(i).k for i in range(80)]
+    assert min(ks) == 2 and max(ks) > 3  # the capped entry gives K = 2, the other reaches past 3
+    capped = SceneSource({"compose@2": 1.0}, 6, "48:160")
+    assert {capped.sample(i).k for i in range(20)} == {2}
+    for bad in ("compose@x", "compose@0"):
+        with pytest.raises(ConfigError, match=f"task_mix key '{bad}'"):
+            SceneSource({bad: 1.0}, 6, "48:160")

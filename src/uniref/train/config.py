@@ -40,7 +40,7 @@ class DataSection(StrictModel):
     source: str = Field("scenes", description="'scenes' (generated on the fly) or a dataset folder/manifest")
     task_mix: dict[str, float] = Field(
         default_factory=lambda: {"edit": 0.5, "compose": 0.5},
-        description="task families or task names -> sampling weight",
+        description="task families or task names -> sampling weight; 'compose@2' caps that entry's K at 2",
     )
     max_refs: int = Field(6, ge=1, le=10)
     size_range: str = Field("48:160", description="generated image side range MIN:MAX (pixels)")

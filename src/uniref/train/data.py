@@ -31,6 +31,17 @@ class SampleSource(Protocol):
     def sample(self, index: int) -> Sample: ...
 
 
+def mix_entry(name: str, max_refs: int) -> tuple[str, int]:
+    """A ``task_mix`` key and the K it may reach: ``"compose@2"`` is ``compose`` with at most 2
+    references (a curriculum can keep K = 2 compositions in a stage that reaches K = 6)."""
+    tasks, _, cap = name.partition("@")
+    if not cap:
+        return tasks, max_refs
+    if not cap.isdigit() or int(cap) < 1:
+        raise ConfigError(f"data.task_mix key {name!r}: after '@' give the largest K, e.g. 'compose@2'")
+    return tasks, min(int(cap), max_refs)
+
+
 class SceneSource:
     """Sample ``n`` is ``generate(seed_offset + n)`` (in the train seed range) under a task family
     drawn from ``task_mix`` by a generator seeded with the same number."""
@@ -38,7 +49,8 @@ class SceneSource:
     def __init__(self, task_mix: dict[str, float], max_refs: int, size_range: str, seed_offset: int = 0) -> None:
         try:
             sizes = SizeRange.parse(size_range)
-            self.configs = [TaskConfig(parse_tasks(name), max_refs, sizes) for name in task_mix]
+            entries = [mix_entry(name, max_refs) for name in task_mix]
+            self.configs = [TaskConfig(parse_tasks(tasks), k, sizes) for tasks, k in entries]
         except ValueError as exc:
             raise ConfigError(f"data: {exc}") from None
         weights = np.array(list(task_mix.values()), dtype=np.float64)

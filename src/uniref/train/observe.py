@@ -33,7 +33,7 @@ class Observer:
         self.rt = runtime
         data = config.data
         self.task_config = TaskConfig(
-            tasks=parse_tasks(",".join(data.task_mix)),
+            tasks=parse_tasks(",".join(name.partition("@")[0] for name in data.task_mix)),
             max_refs=data.max_refs,
             size_range=SizeRange.parse(data.size_range),
         )
