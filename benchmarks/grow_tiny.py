@@ -82,10 +82,10 @@ def widen(model: TinyModel, width: int, noise: float = 1e-3, seed: int = 0) -> T
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = TinyMMDiT(config, model.net.word_embed.num_embeddings)
-        modules = dict(net.named_modules())
+        modules, targets = dict(net.named_modules()), net.state_dict()
         state = {}
         for key, value in model.net.state_dict().items():
-            target = net.state_dict()[key]
+            target = targets[key]
             module = modules[key.rsplit(".", 1)[0]]
             if key == "time_embed.0.weight":
                 value = _double(_time_input(value, target.shape[1]), 0, old, halve=False)

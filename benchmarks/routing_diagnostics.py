@@ -136,7 +136,9 @@ def _facts_split(compositions: Sequence[Sample], parts: dict[str, list[float]], 
     return _split("colour in the words", named, parts) + "\n" + _split("reference/output diameter", scale, parts)
 
 
-def _aspect_split(samples: Sequence[Sample], parts: dict[str, list[float]], last_only: bool = False) -> str:
+def _aspect_split(
+    samples: Sequence[Sample], parts: dict[str, list[float]], last_only: bool = False, label: str = "output aspect"
+) -> str:
     """One line: objects' colour and IoU by the output's aspect (long side / short side). An object's
     size is a fraction of the short side, so on a long canvas it spans a smaller share of one axis's
     normalised coordinates than of the other's: the shape is harder to draw from those coordinates."""
@@ -147,7 +149,7 @@ def _aspect_split(samples: Sequence[Sample], parts: dict[str, list[float]], last
         for _ in range(1 if last_only else len(sample.spec["target"]["scene"]["objects"])):
             groups["<1.25" if aspect < 1.25 else "1.25-1.6" if aspect < 1.6 else ">=1.6"].append(n)
             n += 1
-    return _split("output aspect", groups, parts)
+    return _split(label, groups, parts)
 
 
 def _x0_errors(folder: str | Path, compositions: Sequence[Sample], budget: int) -> str:
@@ -205,7 +207,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(f"  {len(parts['iou'])} placed objects: {_cells(parts)}", flush=True)
             if added is not None:
                 print(f"  {len(added['iou'])} objects drawn by `add`: {_cells(added)}", flush=True)
-                print(_aspect_split(edits, added, last_only=True).replace("  output", "  `add`: output"))
+                print(_aspect_split(edits, added, last_only=True, label="`add`: output aspect"))
             print(_facts_split(compositions, parts, args.budget), flush=True)
             print(_aspect_split(compositions, parts), flush=True)
             if guidance is None or guidance == scales[0]:  # the x̂0 error does not depend on guidance

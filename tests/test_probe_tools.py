@@ -19,12 +19,19 @@ def _x0(model, samples) -> torch.Tensor:
         return model.predict_x0(batch.packed, cond, batch.sigma)
 
 
-def test_a_deepened_model_computes_what_the_trained_one_did_and_its_new_blocks_learn(tmp_path: Path) -> None:
-    model = build_tiny(SMALL, seed=1)
-    with torch.no_grad():  # a trained model's gates are not zero; give the old blocks some
+def _open_gates(model):
+    """A trained model's gates are not zero (a fresh model's adaLN-zero would hide errors): give the
+    blocks and the output modulation some."""
+    with torch.no_grad():
         for block in model.net.blocks:
             for stream in (block.img, block.txt):
                 stream.modulation.bias.normal_(0, 0.3)
+        model.net.out_mod.bias.normal_(0, 0.3)
+    return model
+
+
+def test_a_deepened_model_computes_what_the_trained_one_did_and_its_new_blocks_learn(tmp_path: Path) -> None:
+    model = _open_gates(build_tiny(SMALL, seed=1))
     samples = [generate(i, TaskConfig(parse_tasks("add,compose"), 3)) for i in range(4)]
     deep = deepen(model, 5)
     assert deep.config.depth == 5 and len(deep.net.blocks) == 5
@@ -138,12 +145,7 @@ def test_detail_loss_starts_the_sampler_from_the_truth_renoised_to_the_first_sig
 def test_a_widened_model_computes_what_the_trained_one_did_and_its_copies_can_part(tmp_path: Path) -> None:
     from benchmarks.grow_tiny import widen
 
-    model = build_tiny(SMALL, seed=2)
-    with torch.no_grad():  # trained gates are not zero (a fresh model's adaLN-zero would hide errors)
-        for block in model.net.blocks:
-            for stream in (block.img, block.txt):
-                stream.modulation.bias.normal_(0, 0.3)
-        model.net.out_mod.bias.normal_(0, 0.3)
+    model = _open_gates(build_tiny(SMALL, seed=2))
     samples = [generate(i, TaskConfig(parse_tasks("add,compose"), 3)) for i in range(4)]
     wide = widen(model, 64, noise=0.0)
     assert (wide.config.width, wide.config.heads) == (64, 4)

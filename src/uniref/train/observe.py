@@ -18,6 +18,7 @@ from uniref.data.splits import split_samples
 from uniref.eval import evaluate
 from uniref.images import atomic_path, image_size, save_image
 from uniref.pipeline import EditPipeline
+from uniref.train.data import mix_entry
 from uniref.train.runtime import Runtime
 from uniref.viz import SheetRow, draw_sheet
 
@@ -33,7 +34,7 @@ class Observer:
         self.rt = runtime
         data = config.data
         self.task_config = TaskConfig(
-            tasks=parse_tasks(",".join(name.partition("@")[0] for name in data.task_mix)),
+            tasks=parse_tasks(",".join(mix_entry(name, data.max_refs)[0] for name in data.task_mix)),
             max_refs=data.max_refs,
             size_range=SizeRange.parse(data.size_range),
         )
