@@ -181,4 +181,4 @@ def test_train_speed_times_each_width_and_gives_ratios_to_the_first(capsys) -> N
     train_speed.main(["--widths", "32,64", "--steps", "6", "--warmup", "2", "--budget", "48", "--batch", "2"])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "width" not in line]
     assert [r.split("|")[1].strip() for r in rows] == ["32", "64"]
-    assert float(rows[0].split("|")[4]) == 1.0 and float(rows[1].split("|")[3]) > 0
+    assert float(rows[0].split("|")[5]) == 1.0 and float(rows[1].split("|")[4]) > 0

@@ -114,6 +114,19 @@ def test_encoding_in_the_workers_trains_as_encoding_inline(tmp_path: Path) -> No
     torch.testing.assert_close(torch.tensor(moved.losses), torch.tensor(inline.losses), rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
+def test_compiled_blocks_train_as_eager_and_save_the_same_keys(tmp_path: Path) -> None:
+    # Two budgets: the compiled blocks must follow a change of sequence length (dynamic shapes).
+    eager = train_sft(_config(tmp_path / "a", "train.max_steps=6"))
+    compiled = train_sft(_config(tmp_path / "b", "train.max_steps=6", "model.compile=true"))
+    torch.testing.assert_close(torch.tensor(compiled.losses), torch.tensor(eager.losses), rtol=1e-3, atol=1e-5)
+    wa, ea, _ = load_checkpoint(latest_checkpoint(tmp_path / "a"))
+    wb, eb, _ = load_checkpoint(latest_checkpoint(tmp_path / "b"))
+    assert wa.keys() == wb.keys() and ea.keys() == eb.keys()
+    for key in wa:
+        torch.testing.assert_close(wb[key], wa[key], rtol=1e-3, atol=1e-4)
+
+
 def test_step_of_an_index_inverts_the_step_batches() -> None:
     from uniref.train.data import StepBatches
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -42,10 +42,15 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), self.weight, eps=1e-6)
 
 
-def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs of channels: x (R, H, L, D) real, freqs (R, L, D/2) complex."""
-    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
-    return torch.view_as_real(xc * freqs[:, None]).flatten(-2).type_as(x)
+def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs of channels: x (R, H, L, D), rotation (R, L, D/2, 2) = (cos, sin) of each pair's angle.
+
+    The complex product written out in real arithmetic, so that torch.compile can fuse it (inductor
+    generates no code for complex tensors)."""
+    pairs = x.float().unflatten(-1, (-1, 2))
+    real, imag = pairs.unbind(-1)
+    cos, sin = rotation[:, None].unbind(-1)
+    return torch.stack([real * cos - imag * sin, real * sin + imag * cos], dim=-1).flatten(-2).type_as(x)
 
 
 class Stream(nn.Module):
@@ -100,7 +105,7 @@ class JointBlock(nn.Module):
         temb: torch.Tensor,  # (E, W): the distinct timestep embeddings of the batch
         img_temb_idx: torch.Tensor,  # (R, Li): which embedding modulates each image token
         txt_temb_idx: torch.Tensor,  # (R, Lt)
-        rope: torch.Tensor,  # (R, Lt + Li, Dh/2) complex
+        rope: torch.Tensor,  # (R, Lt + Li, Dh/2, 2): cos and sin of the rotary angles
         mask: torch.Tensor,  # (R, 1, L, L) bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # Modulations are computed once per distinct embedding (E = B + 1), then gathered per token.
@@ -177,6 +182,8 @@ def timestep_embedding(sigma: torch.Tensor, dim: int) -> torch.Tensor:
 class TinyMMDiT(nn.Module):
     """Text encoder + joint-attention denoiser, trained together (nothing is frozen at this size)."""
 
+    _repeated_blocks = ("JointBlock",)  # what compile_repeated_blocks compiles, as in diffusers' models
+
     def __init__(self, config: TinyConfig, vocab_size: int) -> None:
         super().__init__()
         w = config.width
@@ -207,6 +214,15 @@ class TinyMMDiT(nn.Module):
     def enable_gradient_checkpointing(self) -> None:
         """Recompute block activations in the backward pass: less memory, about a third more time."""
         self.gradient_checkpointing = True
+
+    def compile_repeated_blocks(self, **kwargs: Any) -> None:
+        """``torch.compile`` each joint block in place (state-dict keys unchanged), with the name and rule
+        of diffusers' ``ModelMixin.compile_repeated_blocks``, so one config switch serves both flavours.
+        On CPU most of a step is element-wise work around small matmuls (modulation, RoPE, norms), which
+        inductor fuses."""
+        for block in self.modules():
+            if type(block).__name__ in self._repeated_blocks:
+                block.compile(**kwargs)
 
     def forward(
         self,
@@ -254,7 +270,7 @@ class TinyMMDiT(nn.Module):
         img_idx = torch.where((img_ids == PAD) | (token_type == REFERENCE), b, img_ids)
         txt_idx = torch.where(txt_ids == PAD, b, txt_ids)
         rope = rope_frequencies(torch.cat([txt_pos, position_ids], dim=1).flatten(0, 1), cfg.rope_axes)
-        rope = rope.view(x_t.shape[0], -1, rope.shape[-1])
+        rope = torch.view_as_real(rope.view(x_t.shape[0], -1, rope.shape[-1]))  # (R, L, D/2, 2): cos, sin
         mask = attention_mask(txt_ids, img_ids)
         for block in self.blocks:
             if self.gradient_checkpointing and self.training:

@@ -33,6 +33,11 @@ class ModelSection(StrictModel):
         "bf16 autocast on CUDA either way",
     )
     gradient_checkpointing: bool = False
+    compile: bool = Field(
+        False,
+        description="torch.compile the denoiser's repeated blocks (inductor, shapes dynamic); the first steps "
+        "pay the compile time, the math is the same",
+    )
     lora: LoraSection = Field(default_factory=LoraSection)
 
 

@@ -42,7 +42,7 @@ def export_run(
     if ckpt is None:
         raise ModelError(f"{run}: no checkpoint{'' if step is None else f' at step {step}'} (have {sorted(ckpts)})")
     weights, ema_weights, state = load_checkpoint(ckpt)
-    model = build_model(config.model.model_copy(update={"init_from": None}), torch.device("cpu"))
+    model = build_model(config.model.model_copy(update={"init_from": None, "compile": False}), torch.device("cpu"))
     net = model.denoiser()
     chosen = _strip_ema(ema_weights) if ema and ema_weights is not None else weights
     net.load_state_dict(chosen, strict=not config.model.lora.enabled)

@@ -66,6 +66,11 @@ def build_model(section: ModelSection, device: torch.device) -> EditModel:
         if enable is None:
             raise ConfigError(f"model.gradient_checkpointing: {section.name} does not support it")
         enable()
+    if section.compile:
+        compile_blocks = getattr(model.denoiser(), "compile_repeated_blocks", None)
+        if compile_blocks is None:
+            raise ConfigError(f"model.compile: {section.name} has no repeated blocks to compile")
+        compile_blocks(dynamic=True)
     return model
 
 
