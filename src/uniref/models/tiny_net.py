@@ -218,8 +218,8 @@ class TinyMMDiT(nn.Module):
     def compile_repeated_blocks(self, **kwargs: Any) -> None:
         """``torch.compile`` each joint block in place (state-dict keys unchanged), with the name and rule
         of diffusers' ``ModelMixin.compile_repeated_blocks``, so one config switch serves both flavours.
-        On CPU most of a step is element-wise work around small matmuls (modulation, RoPE, norms), which
-        inductor fuses."""
+        Most of a tiny step is element-wise work around small matmuls (modulation, RoPE, norms), which
+        inductor fuses; on this CPU that pays on one thread only (docs/benchmarks.md)."""
         for block in self.modules():
             if type(block).__name__ in self._repeated_blocks:
                 block.compile(**kwargs)
