@@ -7,7 +7,7 @@ import torch
 from uniref.budget import Size
 from uniref.models import load_model
 from uniref.models.tiny import TinyConfig, TinyModel, WordTokenizer, build_tiny
-from uniref.models.tiny_net import normalised_coords
+from uniref.models.tiny_net import apply_rope, normalised_coords
 from uniref.sequence import build_sequence, pack_sequences
 
 WORDS = ("put", "the", "red", "circle", "from", "picture", "on", "background", "of", "1", "2", "3")
@@ -204,3 +204,17 @@ def test_bound_thumbnails_feed_the_text_encoder_but_not_the_joint_blocks() -> No
     hook.remove()
     words = int((cond.txt[0][:, 0] >= 0).sum())  # instruction words + "picture i" labels
     assert seen == [words] and words < cond.txt[0].shape[0]
+
+
+def test_rope_in_real_form_rotates_as_the_complex_product() -> None:
+    # Compiled blocks take the real (cos, sin) form; eager keeps the complex one: both must agree.
+    x = torch.randn(2, 3, 5, 8, requires_grad=True)
+    rotation = torch.polar(torch.ones(2, 5, 4), torch.randn(2, 5, 4))
+    complex_form = apply_rope(x, rotation)
+    real_form = apply_rope(x, torch.view_as_real(rotation))
+    torch.testing.assert_close(real_form, complex_form)
+    weights = torch.randn_like(x)  # a rotation keeps norms, so weigh the outputs to test its backward
+    (grad_c,) = torch.autograd.grad((complex_form * weights).sum(), x)
+    (grad_r,) = torch.autograd.grad((real_form * weights).sum(), x)
+    torch.testing.assert_close(grad_r, grad_c)
+    assert not torch.allclose(complex_form, x)  # it does rotate

@@ -43,10 +43,13 @@ class RMSNorm(nn.Module):
 
 
 def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs of channels: x (R, H, L, D), rotation (R, L, D/2, 2) = (cos, sin) of each pair's angle.
-
-    The complex product written out in real arithmetic, so that torch.compile can fuse it (inductor
-    generates no code for complex tensors)."""
+    """Rotate pairs of channels of x (R, H, L, D) by rotation: complex (R, L, D/2), or its real view
+    (R, L, D/2, 2) = (cos, sin). Compiled blocks take the real form, since inductor generates no code
+    for complex tensors; eager takes the complex one, about 8x faster on CPU than the product written
+    out (fwd + bwd)."""
+    if rotation.is_complex():
+        xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+        return torch.view_as_real(xc * rotation[:, None]).flatten(-2).type_as(x)
     pairs = x.float().unflatten(-1, (-1, 2))
     real, imag = pairs.unbind(-1)
     cos, sin = rotation[:, None].unbind(-1)
@@ -105,7 +108,7 @@ class JointBlock(nn.Module):
         temb: torch.Tensor,  # (E, W): the distinct timestep embeddings of the batch
         img_temb_idx: torch.Tensor,  # (R, Li): which embedding modulates each image token
         txt_temb_idx: torch.Tensor,  # (R, Lt)
-        rope: torch.Tensor,  # (R, Lt + Li, Dh/2, 2): cos and sin of the rotary angles
+        rope: torch.Tensor,  # (R, Lt + Li, Dh/2) complex, or (R, Lt + Li, Dh/2, 2) real: see apply_rope
         mask: torch.Tensor,  # (R, 1, L, L) bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # Modulations are computed once per distinct embedding (E = B + 1), then gathered per token.
@@ -210,6 +213,7 @@ class TinyMMDiT(nn.Module):
         nn.init.zeros_(self.out_mod.weight)
         nn.init.zeros_(self.out_mod.bias)
         self.gradient_checkpointing = False
+        self.blocks_compiled = False  # set by compile_repeated_blocks: RoPE then goes in real form
 
     def enable_gradient_checkpointing(self) -> None:
         """Recompute block activations in the backward pass: less memory, about a third more time."""
@@ -223,6 +227,7 @@ class TinyMMDiT(nn.Module):
         for block in self.modules():
             if type(block).__name__ in self._repeated_blocks:
                 block.compile(**kwargs)
+        self.blocks_compiled = True
 
     def forward(
         self,
@@ -270,7 +275,9 @@ class TinyMMDiT(nn.Module):
         img_idx = torch.where((img_ids == PAD) | (token_type == REFERENCE), b, img_ids)
         txt_idx = torch.where(txt_ids == PAD, b, txt_ids)
         rope = rope_frequencies(torch.cat([txt_pos, position_ids], dim=1).flatten(0, 1), cfg.rope_axes)
-        rope = torch.view_as_real(rope.view(x_t.shape[0], -1, rope.shape[-1]))  # (R, L, D/2, 2): cos, sin
+        rope = rope.view(x_t.shape[0], -1, rope.shape[-1])
+        if self.blocks_compiled:
+            rope = torch.view_as_real(rope)
         mask = attention_mask(txt_ids, img_ids)
         for block in self.blocks:
             if self.gradient_checkpointing and self.training:
