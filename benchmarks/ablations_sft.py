@@ -124,7 +124,8 @@ Command: `python -m benchmarks.ablations sft --n {args.n} --jobs {args.jobs} --t
 {args.threads} thread(s) each).
 
 Every arm spends the same compute: Σ steps × (budget/64)² = {units:.0f} optimizer steps at 64² with
-batch 16 (`compute` column), {share:.3f}× the embedded default's recipe (`configs/tiny_sft.yaml`).
+batch 16 (`compute` column), {share:.3f}× the second tiny recipe's
+(`configs/tiny_sft.yaml`, the default before the shipped one).
 Held-out **test** split, the same {args.n} samples for every arm ({n_edit} single edits,
 {args.n - n_edit} compositions with K = 2–6), evaluated with reference and target budgets 64² and
 128², 20 sampler steps, EMA weights.
