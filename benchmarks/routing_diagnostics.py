@@ -5,7 +5,8 @@ For each model folder, on the first ``--n`` validation compositions (``compose``
 
 * **routing share**: of the attention a placed object's tokens give to reference tokens, the share on
   its source object (``uniref.train.routing``; exp of minus the routing loss, so a geometric mean),
-  beside the share a uniform reader of every reference token would give;
+  beside the share a uniform reader of every reference token would give; the same for background
+  tokens and the background picture (**background routing share**);
 * **object scores** of the compositions' placed objects (``uniref.rewards``): IoU, colour, placement and
   pattern, each as a mean and as the fraction >= 0.5, and the background score;
 * ``overall`` (√(instruction · worst ref)) by family.
@@ -16,6 +17,7 @@ For each model folder, on the first ``--n`` validation compositions (``compose``
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -41,14 +43,20 @@ def _model_batch(folder: str | Path, samples: Sequence[Sample], budget: int) -> 
     return model, batch, model.encode_condition(batch.instructions, batch.refs, batch.ref_sizes)
 
 
-def routing_share(folder: str | Path, samples: Sequence[Sample], budget: int) -> tuple[float, float]:
-    """(model's share, uniform share) over the placed objects of ``samples`` at noise seed 0."""
+def routing_share(
+    folder: str | Path, samples: Sequence[Sample], budget: int, background: bool = False
+) -> tuple[float, float]:
+    """(model's share, uniform share) over the placed objects of ``samples`` at noise seed 0; with
+    ``background``, over their background tokens (the share given to the background picture)."""
     model, batch, cond = _model_batch(folder, samples, budget)
+    routes = [[r for r in rs if r.background == background] for rs in batch.routes]
     with torch.no_grad():
-        parts = flow_loss(model, batch, cond, "x0", routing=1.0)
+        parts = flow_loss(
+            model, dataclasses.replace(batch, routes=routes), cond, "x0", routing=1.0, route_background=background
+        )
     tokens = batch.packed.tokens.values
     grids = [s.grids for s in batch.packed.sequences]
-    packed = pack_routes(batch.routes, batch.packed.tokens.spans, grids, 0, tokens.shape[1], tokens.shape[0])
+    packed = pack_routes(routes, batch.packed.tokens.spans, grids, 0, tokens.shape[1], tokens.shape[0])
     assert packed is not None and parts.routing is not None
     uniform = (packed.good.sum(-1).float() / packed.refs.sum(-1).float())[packed.valid].mean()
     return float(torch.exp(-parts.routing)), float(uniform)
@@ -187,6 +195,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     reports = {}
     for folder in args.models:
         share, uniform = routing_share(folder, compositions, args.budget)
+        bg_share, bg_uniform = routing_share(folder, compositions, args.budget, background=True)
         for guidance in scales:
             label = folder if guidance is None else f"{folder} guidance {guidance:g}"
             report, _ = eval_model(folder, compositions + edits, budget=args.budget, guidance=guidance)
@@ -200,6 +209,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             )
             print(f"{label} @{args.budget}²")
             print(f"  routing share {share:.3f} (uniform {uniform:.3f})")
+            print(f"  background routing share {bg_share:.3f} (uniform {bg_uniform:.3f})")
             print(
                 f"  overall: compositions {np.mean([r.score.overall for r in comp]):.3f} (n={len(comp)}), "
                 f"edits {np.mean([r.score.overall for r in report.records[len(compositions) :]]):.3f} (n={len(edits)})"

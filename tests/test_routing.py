@@ -13,7 +13,15 @@ from uniref.errors import ConfigError
 from uniref.models.tiny import TinyConfig, build_tiny
 from uniref.sequence import attention_mask
 from uniref.train.batch import flow_loss, make_batch
-from uniref.train.routing import PackedRoutes, Route, object_token_mask, pack_routes, routing_loss, sample_routes
+from uniref.train.routing import (
+    BACKGROUND_QUERIES,
+    PackedRoutes,
+    Route,
+    object_token_mask,
+    pack_routes,
+    routing_loss,
+    sample_routes,
+)
 from uniref.train.sft import train_sft
 
 SMALL = TinyConfig(width=32, depth=3, heads=2, rope_axes=(4, 6, 6), text_layers=1, mlp_ratio=2.0)
@@ -66,6 +74,31 @@ def test_donors_and_specless_samples_give_no_route() -> None:
     assert object_token_mask({}, (4, 4)) is None
 
 
+def test_background_routes_send_free_target_tokens_to_the_background_picture() -> None:
+    samples = _samples("compose", 10, max_refs=5)
+    for s in samples:
+        grids = [_grid(s.target.size)] + [_grid(r.size) for r in s.refs]
+        routes = sample_routes(s.spec, grids, background=True)
+        objects = [(r.ref, r.target_tokens.tolist(), r.ref_tokens.tolist()) for r in routes if not r.background]
+        assert objects == [
+            (r.ref, r.target_tokens.tolist(), r.ref_tokens.tolist()) for r in sample_routes(s.spec, grids)
+        ]
+        background = [r for r in routes if r.background]
+        bg_refs = [i for i, r in enumerate(s.spec["refs"]) if r["contributes"][0]["what"] == "background"]
+        assert [r.ref for r in background] == bg_refs and len(bg_refs) == 1
+        route = background[0]
+        covered = object_token_mask(s.spec, grids[0])
+        assert covered is not None and not covered[route.target_tokens].any()
+        assert 0 < len(route.target_tokens) <= BACKGROUND_QUERIES
+        assert len(set(route.target_tokens.tolist())) == len(route.target_tokens)
+        h, w = grids[route.ref + 1]
+        assert route.ref_tokens.tolist() == list(range(h * w))
+    # With one reference every reference key is the background's: there is nothing to route.
+    for s in _samples("edit", 6):
+        grids = [_grid(s.target.size), _grid(s.refs[0].size)]
+        assert not any(r.background for r in sample_routes(s.spec, grids, background=True))
+
+
 def test_object_mask_covers_every_target_object_and_little_else() -> None:
     s = _samples("edit", 1, start=3)[0]
     grid = _grid(s.target.size)
@@ -95,6 +128,27 @@ def test_routing_loss_is_minus_log_of_the_share_given_to_the_source() -> None:
     assert float(routing_loss(q, k, mask, routes)) == pytest.approx(-math.log(0.625), abs=1e-3)
 
 
+def test_object_and_background_queries_are_averaged_apart_and_added() -> None:
+    # Text (1), target (3), one reference of 4 keys; queries: target tokens 0, 1 (object) and 2 (background).
+    length, dim = 8, 4
+    q, k = torch.zeros(1, 1, length, dim), torch.zeros(1, 1, length, dim)
+    mask = attention_mask(torch.zeros(1, length, dtype=torch.long))
+    refs = torch.zeros(1, 3, length, dtype=torch.bool)
+    refs[0, :, 4:] = True
+    good = torch.zeros(1, 3, length, dtype=torch.bool)
+    good[0, 0, 4] = good[0, 1, 4] = True  # the objects' source: one key of 4
+    good[0, 2, 4:6] = True  # the background: two keys of 4
+    queries, valid = torch.tensor([[1, 2, 3]]), torch.ones(1, 3, dtype=torch.bool)
+    kinds = torch.tensor([[False, False, True]])
+    both = float(routing_loss(q, k, mask, PackedRoutes(queries, valid, good, refs, kinds)))
+    assert both == pytest.approx(math.log(4) + math.log(2), abs=1e-4)
+    # Without kinds every query counts once in one mean, as before background routes existed.
+    pooled = float(routing_loss(q, k, mask, PackedRoutes(queries, valid, good, refs)))
+    assert pooled == pytest.approx((2 * math.log(4) + math.log(2)) / 3, abs=1e-4)
+    only_objects = PackedRoutes(queries, valid, good, refs, torch.zeros(1, 3, dtype=torch.bool))
+    assert float(routing_loss(q, k, mask, only_objects)) == pytest.approx(pooled, abs=1e-4)
+
+
 def test_pack_routes_points_at_the_right_samples_tokens() -> None:
     routes = [[Route(torch.tensor([0, 1]), 1, torch.tensor([2]))], [], [Route(torch.tensor([3]), 0, torch.tensor([0]))]]
     grids = [[(1, 2), (1, 1), (1, 3)], [(1, 1), (1, 1)], [(2, 2), (1, 2)]]
@@ -106,6 +160,10 @@ def test_pack_routes_points_at_the_right_samples_tokens() -> None:
     assert torch.nonzero(packed.good[0, 0])[:, 0].tolist() == [10]
     assert torch.nonzero(packed.refs[0, 0])[:, 0].tolist() == [7, 8, 9, 10]
     assert torch.nonzero(packed.good[1, 0])[:, 0].tolist() == [9]  # sample 2: target 4 tokens, then ref 1
+    assert packed.background is not None and not packed.background.any()
+    flagged = [[Route(torch.tensor([0]), 0, torch.tensor([0, 1]), background=True)]]
+    packed = pack_routes(flagged, spans[:1], grids[:1], text_len=5, row_len=11, rows=1)
+    assert packed is not None and packed.background is not None and packed.background.tolist() == [[True]]
     assert pack_routes([[], []], spans[:2], grids[:2], 5, 11, 1) is None
 
 
@@ -133,6 +191,8 @@ def test_routing_and_object_weight_off_give_the_plain_loss_and_on_train_the_atte
     routed = flow_loss(model, batch, cond, "x0", routing=1.0)
     assert routed.routing is not None and float(routed.routing) > 0
     assert torch.allclose(routed.total, plain.total + routed.routing, atol=1e-5)
+    with_background = flow_loss(model, batch, cond, "x0", routing=1.0, route_background=True)
+    assert with_background.routing is not None and float(with_background.routing) > float(routed.routing)
     # The routing term reaches the attention's queries and keys, never the output head.
     weights = [model.net.blocks[1].img.qkv.weight, model.net.out.weight]
     with_routing = torch.autograd.grad(routed.total, weights)
@@ -177,6 +237,7 @@ def test_sft_with_routing_logs_the_routing_loss_and_resumes_the_same(tmp_path: P
         "model.tiny={width: 32, depth: 2, heads: 2, rope_axes: [4, 6, 6], text_layers: 1, mlp_ratio: 2}",
         "data.task_mix={compose: 1.0}",
         "loss.routing=0.2",
+        "loss.route_background=true",
         "loss.object_weight=2.0",
     ]
     straight = train_sft(_config(tmp_path / "a", *extra, "train.max_steps=4"))
@@ -193,9 +254,12 @@ def test_routing_diagnostics_reports_share_scores_and_overall(tmp_path: Path, ca
     folder = build_tiny(SMALL, seed=3).save(tmp_path / "model", target_budget=48 * 48, ref_budget=48 * 48)
     routing_diagnostics.main([str(folder), "--n", "2", "--budget", "48", "--max-refs", "2", "--edits", "add"])
     out = capsys.readouterr().out
-    share = float(out.split("routing share ")[1].split()[0])
+    share = float(out.split("  routing share ")[1].split()[0])
     uniform = float(out.split("(uniform ")[1].split(")")[0])
     assert 0 < share <= 1 and 0 < uniform <= 1
+    bg_share = float(out.split("background routing share ")[1].split()[0])
+    bg_uniform = float(out.split("background routing share ")[1].split("(uniform ")[1].split(")")[0])
+    assert 0 < bg_share <= 1 and 0 < bg_uniform < 1
     assert "placed objects: iou" in out and "objects drawn by `add`: iou" in out
     assert "compositions" in out and "(n=2)" in out and "(n=1)" in out
     assert "colour in the words: " in out and "reference/output diameter: " in out

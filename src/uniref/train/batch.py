@@ -39,7 +39,7 @@ class TrainBatch:
     ref_sizes: list[list[Size]]
     tasks: list[str]
     ks: list[int]
-    routes: list[list[Route]]  # per sample (empty without a scene spec)
+    routes: list[list[Route]]  # per sample, objects' and background's (empty without a scene spec)
     object_masks: list[torch.Tensor | None]  # per sample (L_target_i,) bool: tokens objects cover
 
     @property
@@ -106,7 +106,7 @@ def make_batch(
         ref_sizes=[list(p.sizes) for p in ref_plans],
         tasks=[s.task for s in samples],
         ks=[len(s.refs) for s in samples],
-        routes=[sample_routes(s.spec, seq.grids) for s, seq in zip(samples, sequences, strict=True)],
+        routes=[sample_routes(s.spec, seq.grids, background=True) for s, seq in zip(samples, sequences, strict=True)],
         object_masks=[object_token_mask(s.spec, seq.grids[0]) for s, seq in zip(samples, sequences, strict=True)],
     )
 
@@ -125,8 +125,10 @@ def flow_loss(
     weighting: str = "flow",
     object_weight: float = 0.0,
     routing: float = 0.0,
+    route_background: bool = False,
 ) -> LossParts:
-    """Mean loss over samples, plus ``routing`` times the routing loss.
+    """Mean loss over samples, plus ``routing`` times the routing loss (of the placed objects, and of
+    the background too with ``route_background``).
 
     ``flow``: ``mean‖v̂ − (ε − x_0)‖²``; ``x0``: the same times σ², which is the MSE of the implied
     clean estimate ``x̂_0 = x_t − σ·v̂`` (the natural loss of an x̂_0-predicting model). With
@@ -138,7 +140,8 @@ def flow_loss(
         attach = getattr(model, "attention_hook", None)
         if attach is None:
             raise ConfigError(f"loss.routing: the {type(model).__name__} adapter does not expose its attention")
-        router = RoutingLoss(batch.routes, batch.packed)
+        routes = [[r for r in rs if route_background or not r.background] for rs in batch.routes]
+        router = RoutingLoss(routes, batch.packed)
         hook = attach(router)
     with hook:
         v_hat = batch.packed.target_tokens(model.velocity(batch.packed, cond, batch.sigma))

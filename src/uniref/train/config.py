@@ -96,6 +96,9 @@ class LossSection(StrictModel):
     routing: float = Field(
         0.0, ge=0, description="weight of the routing loss (uniref.train.routing): object tokens read their source"
     )
+    route_background: bool = Field(
+        False, description="the routing loss also sends background tokens to the background picture (K >= 2)"
+    )
     instruction_dropout: float = Field(
         0.0, ge=0, lt=1, description="share of samples trained on the negative prompt, so true CFG works"
     )

@@ -12,7 +12,15 @@ loss do for real subjects:
     L_route = −log( mean_h p_h(t) + ε ), averaged over such tokens and over blocks 1..depth−1
 
 The ratio is taken within the reference tokens only: the token stays free to read the instruction
-and the output; of what it reads from the references, it should read the right object. Taking the
+and the output; of what it reads from the references, it should read the right object.
+
+With three or more references the tiny model also loses which picture gives the background, so
+background routes (``loss.route_background``) ask the same of the target tokens no object covers:
+of what they read from the references, they should read the background picture (all its tokens,
+since the question is which picture, not where in it). Each kind is averaged on its own and the two
+means are added, so the many background tokens do not drown the few object tokens; a sample gives
+at most :data:`BACKGROUND_QUERIES` background queries, evenly spread, which is enough to say which
+picture and keeps the term cheap. Taking the
 mean over heads before the log lets a few heads do the fetching while others do other work. The
 first block is left out: before it has read the instruction a token cannot know which picture
 fills its slot.
@@ -35,6 +43,7 @@ from uniref.data.scenes import SceneObject
 from uniref.sequence import PackedBatch
 
 ROUTE_EPS = 1e-6
+BACKGROUND_QUERIES = 32
 
 
 @dataclass(frozen=True)
@@ -45,6 +54,7 @@ class Route:
     target_tokens: torch.Tensor  # (n,) long
     ref: int
     ref_tokens: torch.Tensor  # (m,) long
+    background: bool = False  # a background route (the whole background picture) rather than an object's
 
 
 def _disc_tokens(cx: float, cy: float, rx: float, ry: float, grid: tuple[int, int]) -> torch.Tensor:
@@ -75,10 +85,12 @@ def _source_object(ref_objects: Sequence[dict[str, Any]], placed: dict[str, Any]
     return same_shape[0] if len(same_shape) == 1 else None
 
 
-def sample_routes(spec: dict[str, Any], grids: Sequence[tuple[int, int]]) -> list[Route]:
+def sample_routes(spec: dict[str, Any], grids: Sequence[tuple[int, int]], background: bool = False) -> list[Route]:
     """Routes of one scene sample, for the token grids of its target (``grids[0]``) and references.
     Objects a reference contributes whole (``"what": "object"``) are routed; colour and pattern donors
-    and specs without a scene (real data) give no route."""
+    and specs without a scene (real data) give no route. With ``background`` and two or more
+    references, up to :data:`BACKGROUND_QUERIES` target tokens outside every object are routed to
+    the picture that contributes the background."""
     try:
         target = spec["target"]
         canvas = Size(width=int(target["width"]), height=int(target["height"]))
@@ -99,7 +111,23 @@ def sample_routes(spec: dict[str, Any], grids: Sequence[tuple[int, int]]) -> lis
             routes.append(
                 Route(_object_tokens(obj, canvas, grids[0]), i, _object_tokens(source, ref_canvas, grids[i + 1]))
             )
+        if background and len(refs) > 1 and any(p.get("what") == "background" for p in ref.get("contributes", [])):
+            route = _background_route(spec, grids, i)
+            if route is not None:
+                routes.append(route)
     return routes
+
+
+def _background_route(spec: dict[str, Any], grids: Sequence[tuple[int, int]], ref: int) -> Route | None:
+    if ref + 1 >= len(grids):
+        return None
+    covered = object_token_mask(spec, grids[0])
+    free = torch.nonzero(~covered)[:, 0] if covered is not None else torch.zeros(0, dtype=torch.long)
+    if len(free) == 0:
+        return None
+    picks = torch.linspace(0, len(free) - 1, min(BACKGROUND_QUERIES, len(free))).round().long()
+    h, w = grids[ref + 1]
+    return Route(free[picks], ref, torch.arange(h * w), background=True)
 
 
 def object_token_mask(spec: dict[str, Any], grid: tuple[int, int]) -> torch.Tensor | None:
@@ -121,16 +149,18 @@ class PackedRoutes:
     """Routes laid out like a packed joint sequence (text first, then image tokens, per row).
 
     ``queries`` (R, N) are positions of routed target tokens in their row (``valid`` marks the real
-    ones); ``good`` (R, N, L) marks each query's source-object keys, ``refs`` (R, N, L) all
-    reference keys of its sample."""
+    ones, ``background`` those of background routes); ``good`` (R, N, L) marks each query's source
+    keys, ``refs`` (R, N, L) all reference keys of its sample."""
 
     queries: torch.Tensor
     valid: torch.Tensor
     good: torch.Tensor
     refs: torch.Tensor
+    background: torch.Tensor | None = None
 
     def to(self, device: torch.device) -> PackedRoutes:
-        return PackedRoutes(*(t.to(device) for t in (self.queries, self.valid, self.good, self.refs)))
+        moved = (self.queries, self.valid, self.good, self.refs, self.background)
+        return PackedRoutes(*(None if t is None else t.to(device) for t in moved))
 
 
 def pack_routes(
@@ -143,7 +173,7 @@ def pack_routes(
 ) -> PackedRoutes | None:
     """Lay each sample's routes out in the rows of a packed batch whose image tokens of sample j start
     at ``spans[j]`` (row, start, length) after ``text_len`` text positions; None when nothing is routed."""
-    per_row: list[list[tuple[int, torch.Tensor, torch.Tensor]]] = [[] for _ in range(rows)]
+    per_row: list[list[tuple[int, torch.Tensor, torch.Tensor, bool]]] = [[] for _ in range(rows)]
     for sample_routes_, (row, start, _), sample_grids in zip(routes, spans, grids, strict=True):
         sizes = [h * w for h, w in sample_grids]
         offsets = [start + sum(sizes[:i]) for i in range(len(sizes))]
@@ -153,7 +183,7 @@ def pack_routes(
             good = torch.zeros(row_len, dtype=torch.bool)
             good[text_len + offsets[route.ref + 1] + route.ref_tokens] = True
             for q in (text_len + offsets[0] + route.target_tokens).tolist():
-                per_row[row].append((q, good, ref_keys))
+                per_row[row].append((q, good, ref_keys, route.background))
     n = max(len(r) for r in per_row)
     if n == 0:
         return None
@@ -161,10 +191,11 @@ def pack_routes(
     valid = torch.zeros(rows, n, dtype=torch.bool)
     good = torch.zeros(rows, n, row_len, dtype=torch.bool)
     refs = torch.zeros(rows, n, row_len, dtype=torch.bool)
+    background = torch.zeros(rows, n, dtype=torch.bool)
     for r, items in enumerate(per_row):
-        for j, (q, g, k) in enumerate(items):
-            queries[r, j], valid[r, j], good[r, j], refs[r, j] = q, True, g, k
-    return PackedRoutes(queries, valid, good, refs)
+        for j, (q, g, k, bg) in enumerate(items):
+            queries[r, j], valid[r, j], good[r, j], refs[r, j], background[r, j] = q, True, g, k, bg
+    return PackedRoutes(queries, valid, good, refs, background)
 
 
 class RoutingLoss:
@@ -205,4 +236,8 @@ def routing_loss(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, routes: P
     good = (probs * routes.good[:, None]).sum(-1)
     ref = (probs * routes.refs[:, None]).sum(-1)
     share = (good / ref.clamp_min(1e-12)).mean(1)  # (R, N): mean over heads
-    return -torch.log(share[routes.valid] + ROUTE_EPS).mean()
+    nll = -torch.log(share + ROUTE_EPS)
+    if routes.background is None:
+        return nll[routes.valid].mean()
+    kinds = [routes.valid & ~routes.background, routes.valid & routes.background]
+    return torch.stack([nll[kind].mean() for kind in kinds if kind.any()]).sum()

@@ -96,7 +96,13 @@ def train_sft(config: SFTConfig, hooks: Any = None) -> RunSummary:
             batch, cond = prepared or prepare(indices, samples, rt.accelerator.autocast)
             with rt.accelerator.autocast():
                 parts = flow_loss(
-                    model, batch, cond, config.loss.weighting, config.loss.object_weight, config.loss.routing
+                    model,
+                    batch,
+                    cond,
+                    config.loss.weighting,
+                    config.loss.object_weight,
+                    config.loss.routing,
+                    config.loss.route_background,
                 )
             stats = rt.optimizer_step(parts.total)
             per_sample = parts.per_sample
