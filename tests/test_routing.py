@@ -317,3 +317,30 @@ def test_x0_error_split_is_one_for_the_latent_mean_and_zero_for_the_truth(
     monkeypatch.setattr(model, "predict_x0", truth)
     obj, bg, _, _ = routing_diagnostics.x0_error_split(folder, samples, 48, [0.7])[0]
     assert obj == pytest.approx(0.0, abs=1e-9) and bg == pytest.approx(0.0, abs=1e-9)
+
+
+def test_reference_reading_reports_shares_and_budgets_by_k(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from benchmarks import reference_reading
+
+    folder = build_tiny(SMALL, seed=4).save(tmp_path / "model", target_budget=48 * 48, ref_budget=48 * 48)
+    reference_reading.main(["shares", str(folder), "--n", "3", "--budget", "48", "--max-refs", "3"])
+    rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith(f"| {folder} |")]
+    groups = {
+        s.k
+        for s in reference_reading.split_samples(
+            "val",
+            3,
+            reference_reading.TaskConfig(
+                reference_reading.parse_tasks("compose"), 3, reference_reading.SizeRange(48, 160)
+            ),
+        )
+    }
+    assert len(rows) == len(groups)
+    for row in rows:
+        obj, obj_uniform, bg, bg_uniform = (float(c) for c in row.strip("|").split("|")[3:7])
+        assert 0 < obj <= 1 and 0 < obj_uniform <= 1 and 0 < bg <= 1 and 0 < bg_uniform < 1
+    reference_reading.main(["budgets", str(folder), "--n", "3", "--budgets", "32,48", "--max-refs", "3"])
+    out = capsys.readouterr().out
+    budget_rows = [r for r in out.splitlines() if r.startswith("| 32² |") or r.startswith("| 48² |")]
+    assert len(budget_rows) == 2
+    assert all(0 <= float(r.split("|")[2]) <= 1 for r in budget_rows)

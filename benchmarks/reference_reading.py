@@ -1,0 +1,90 @@
+"""Does a model read the right reference, and would more reference tokens help? By K (issue 17 §3).
+
+Two reports on the first ``--n`` validation compositions (``compose``, K = 2..``--max-refs``), grouped
+K = 2 / 3 / 4 / 5+:
+
+* ``shares``: of the attention a target token gives to reference tokens, the share on the right
+  place (``uniref.train.routing``; noise seed 0, one batch per group): a placed object's tokens on its
+  source object, and background tokens on the background picture, each beside a uniform reader's;
+* ``budgets``: ``overall`` with the references planned under each of ``--budgets`` (side of the
+  square pixel budget, SELF global), the output at the model's own budget: whether reading the same
+  pictures at more tokens helps a model trained at one budget.
+
+    python -m benchmarks.reference_reading shares MODEL... [--n 64]
+    python -m benchmarks.reference_reading budgets MODEL --budgets 128,192,256 [--n 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+import numpy as np
+
+from benchmarks.routing_diagnostics import routing_share
+from uniref.data import SizeRange, TaskConfig, parse_tasks
+from uniref.data.sample import Sample
+from uniref.data.splits import split_samples
+from uniref.eval import evaluate
+from uniref.models.tiny import SHIPPED_DIR
+from uniref.pipeline import EditPipeline
+
+
+def _group(k: int) -> str:
+    return f"K = {k}" if k < 5 else "K = 5+"
+
+
+def by_k(samples: Sequence[Sample]) -> dict[str, list[Sample]]:
+    groups: dict[str, list[Sample]] = {}
+    for s in sorted(samples, key=lambda s: s.k):
+        groups.setdefault(_group(s.k), []).append(s)
+    return groups
+
+
+def share_rows(model: str, samples: Sequence[Sample], budget: int) -> list[str]:
+    folder = SHIPPED_DIR if model == "tiny" else model
+    rows = []
+    for name, group in by_k(samples).items():
+        obj, obj_uniform = routing_share(folder, group, budget)
+        bg, bg_uniform = routing_share(folder, group, budget, background=True)
+        rows.append(
+            f"| {model} | {name} | {len(group)} | {obj:.3f} | {obj_uniform:.3f} | {bg:.3f} | {bg_uniform:.3f} |"
+        )
+    return rows
+
+
+def budget_row(pipe: EditPipeline, samples: Sequence[Sample], budget: int) -> str:
+    report = evaluate(pipe, samples, budget=budget, progress=False)
+    groups: dict[str, list[float]] = {}
+    for record in report.records:
+        groups.setdefault(_group(record.k), []).append(record.score.overall)
+    cells = " | ".join(f"{np.mean(v):.3f} (n = {len(v)})" for _, v in sorted(groups.items()))
+    return f"| {budget}² | {report.overall:.3f} | {cells} |"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("report", choices=["shares", "budgets"])
+    parser.add_argument("models", nargs="+", help="`tiny` or tiny model folders")
+    parser.add_argument("--n", type=int, default=64, help="validation compositions")
+    parser.add_argument("--max-refs", type=int, default=6)
+    parser.add_argument("--budget", type=int, default=128, help="`shares`: reference and output budget side")
+    parser.add_argument("--budgets", default="128,192,256", help="`budgets`: reference budget sides")
+    args = parser.parse_args(argv)
+    samples = split_samples("val", args.n, TaskConfig(parse_tasks("compose"), args.max_refs, SizeRange(48, 160)))
+    if args.report == "shares":
+        print("| model | group | n | object share | uniform | background share | uniform |")
+        print("|---|---|---:|---:|---:|---:|---:|")
+        for folder in args.models:
+            print("\n".join(share_rows(folder, samples, args.budget)), flush=True)
+        return
+    for model in args.models:
+        pipe = EditPipeline.from_pretrained(model)
+        groups = " | ".join(by_k(samples))
+        print(f"{model}\n| reference budget | overall | {groups} |\n|---|---:|{'---:|' * len(by_k(samples))}")
+        for side in (int(b) for b in args.budgets.split(",")):
+            print(budget_row(pipe, samples, side), flush=True)
+
+
+if __name__ == "__main__":
+    main()
