@@ -12,7 +12,10 @@ loss do for real subjects:
     L_route = −log( mean_h p_h(t) + ε ), averaged over such tokens and over blocks 1..depth−1
 
 The ratio is taken within the reference tokens only: the token stays free to read the instruction
-and the output; of what it reads from the references, it should read the right object.
+and the output; of what it reads from the references, it should read the right object. Taking the
+mean over heads before the log lets a few heads do the fetching while others do other work. The
+first block is left out: before it has read the instruction a token cannot know which picture
+fills its slot.
 
 With three or more references the tiny model also loses which picture gives the background, so
 background routes (``loss.route_background``) ask the same of the target tokens no object covers:
@@ -20,10 +23,7 @@ of what they read from the references, they should read the background picture (
 since the question is which picture, not where in it). Each kind is averaged on its own and the two
 means are added, so the many background tokens do not drown the few object tokens; a sample gives
 at most :data:`BACKGROUND_QUERIES` background queries, evenly spread, which is enough to say which
-picture and keeps the term cheap. Taking the
-mean over heads before the log lets a few heads do the fetching while others do other work. The
-first block is left out: before it has read the instruction a token cannot know which picture
-fills its slot.
+picture and keeps the term cheap.
 
 Besides the routes, :func:`object_token_mask` marks the target tokens that any object covers, so the
 flow-matching loss can weigh them up (``loss.object_weight``): objects are a few percent of the
