@@ -78,10 +78,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         for folder in args.models:
             print("\n".join(share_rows(folder, samples, args.budget)), flush=True)
         return
+    groups = list(by_k(samples))
     for model in args.models:
         pipe = EditPipeline.from_pretrained(model)
-        groups = " | ".join(by_k(samples))
-        print(f"{model}\n| reference budget | overall | {groups} |\n|---|---:|{'---:|' * len(by_k(samples))}")
+        print(f"{model}\n| reference budget | overall | {' | '.join(groups)} |\n|---|---:|{'---:|' * len(groups)}")
         for side in (int(b) for b in args.budgets.split(",")):
             print(budget_row(pipe, samples, side), flush=True)
 

@@ -237,7 +237,6 @@ def routing_loss(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, routes: P
     ref = (probs * routes.refs[:, None]).sum(-1)
     share = (good / ref.clamp_min(1e-12)).mean(1)  # (R, N): mean over heads
     nll = -torch.log(share + ROUTE_EPS)
-    if routes.background is None:
-        return nll[routes.valid].mean()
-    kinds = [routes.valid & ~routes.background, routes.valid & routes.background]
+    background = routes.background if routes.background is not None else torch.zeros_like(routes.valid)
+    kinds = [routes.valid & ~background, routes.valid & background]
     return torch.stack([nll[kind].mean() for kind in kinds if kind.any()]).sum()
