@@ -8,10 +8,14 @@ K = 2 / 3 / 4 / 5+:
   source object, and background tokens on the background picture, each beside a uniform reader's;
 * ``budgets``: ``overall`` with the references planned under each of ``--budgets`` (side of the
   square pixel budget, SELF global), the output at the model's own budget: whether reading the same
-  pictures at more tokens helps a model trained at one budget.
+  pictures at more tokens helps a model trained at one budget;
+* ``scales`` (no model): how many tokens wide a placed object is in its source reference, with the
+  references planned under each of ``--budgets``, against its width in the output at ``--budget``:
+  whether the model must draw an object larger than any picture shows it.
 
     python -m benchmarks.reference_reading shares MODEL... [--n 64]
     python -m benchmarks.reference_reading budgets MODEL --budgets 128,192,256 [--n 64]
+    python -m benchmarks.reference_reading scales --budgets 128,176 [--n 600]
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from benchmarks.routing_diagnostics import routing_share
+from uniref.budget import Size, plan, plan_target
 from uniref.data import SizeRange, TaskConfig, parse_tasks
 from uniref.data.sample import Sample
 from uniref.data.splits import split_samples
@@ -62,16 +67,64 @@ def budget_row(pipe: EditPipeline, samples: Sequence[Sample], budget: int) -> st
     return f"| {budget}² | {report.overall:.3f} | {cells} |"
 
 
+def object_widths(sample: Sample, ref_budget: int, out_budget: int, token_px: int) -> list[tuple[float, float]]:
+    """(width in its source reference, width in the output), in tokens, of each placed object.
+
+    Widths are the objects' diameters (spec ``size`` × short side of the planned picture); the
+    source object is the one in the contributing reference with the placed object's shape (distractors
+    never share it; a ``transfer`` recipient may have changed colour or pattern).
+    """
+    spec = sample.spec
+    planned = plan([Size(r["width"], r["height"]) for r in spec["refs"]], ref_budget**2, token_px).sizes
+    target = spec["target"]
+    out = plan_target(out_budget**2, token_px, like=Size(target["width"], target["height"]))
+    placed = target["scene"]["objects"]
+    widths = []
+    for ref, size in zip(spec["refs"], planned, strict=True):
+        for part in ref["contributes"]:
+            if part["what"] != "object":
+                continue
+            obj = placed[part["object"]]
+            source = next(o for o in ref["scene"]["objects"] if o["shape"] == obj["shape"])
+            widths.append((source["size"] * min(size.width, size.height) / token_px, obj["size"] * min(out) / token_px))
+    return widths
+
+
+def scale_rows(samples: Sequence[Sample], budgets: Sequence[int], out_budget: int, token_px: int) -> list[str]:
+    rows = []
+    for side in budgets:
+        for name, group in by_k(samples).items():
+            w = np.array([pair for s in group for pair in object_widths(s, side, out_budget, token_px)])
+            rows.append(
+                f"| {side}² | {name} | {len(w)} | {w[:, 0].mean():.2f} | {w[:, 1].mean():.2f} "
+                f"| {np.median(w[:, 1] / w[:, 0]):.2f} |"
+            )
+    return rows
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("report", choices=["shares", "budgets"])
-    parser.add_argument("models", nargs="+", help="`tiny` or tiny model folders")
+    parser.add_argument("report", choices=["shares", "budgets", "scales"])
+    parser.add_argument("models", nargs="*", help="`tiny` or tiny model folders (not for `scales`)")
     parser.add_argument("--n", type=int, default=64, help="validation compositions")
     parser.add_argument("--max-refs", type=int, default=6)
-    parser.add_argument("--budget", type=int, default=128, help="`shares`: reference and output budget side")
-    parser.add_argument("--budgets", default="128,192,256", help="`budgets`: reference budget sides")
+    parser.add_argument(
+        "--budget", type=int, default=128, help="`shares`: reference and output budget side; `scales`: output"
+    )
+    parser.add_argument("--budgets", default="128,192,256", help="`budgets`, `scales`: reference budget sides")
+    parser.add_argument("--token-px", type=int, default=8, help="`scales`: pixels per token side (tiny: 8)")
     args = parser.parse_args(argv)
+    if (args.report == "scales") == bool(args.models):
+        parser.error("`scales` takes no model; `shares` and `budgets` need at least one")
     samples = split_samples("val", args.n, TaskConfig(parse_tasks("compose"), args.max_refs, SizeRange(48, 160)))
+    if args.report == "scales":
+        out = f"in the output ({args.budget}²)"
+        print(
+            f"| reference budget | group | placed objects | tokens wide in source | {out} | output / source (median) |"
+        )
+        print("|---|---|---:|---:|---:|---:|")
+        print("\n".join(scale_rows(samples, [int(b) for b in args.budgets.split(",")], args.budget, args.token_px)))
+        return
     if args.report == "shares":
         print("| model | group | n | object share | uniform | background share | uniform |")
         print("|---|---|---:|---:|---:|---:|---:|")

@@ -344,3 +344,27 @@ def test_reference_reading_reports_shares_and_budgets_by_k(tmp_path: Path, capsy
     budget_rows = [r for r in out.splitlines() if r.startswith("| 32² |") or r.startswith("| 48² |")]
     assert len(budget_rows) == 2
     assert all(0 <= float(r.split("|")[2]) <= 1 for r in budget_rows)
+
+
+def test_reference_reading_scales_grow_with_the_reference_budget_only(capsys: pytest.CaptureFixture) -> None:
+    from benchmarks import reference_reading
+
+    samples = reference_reading.split_samples(
+        "val",
+        4,
+        reference_reading.TaskConfig(reference_reading.parse_tasks("compose"), 4, reference_reading.SizeRange(48, 160)),
+    )
+    for sample in samples:
+        small = reference_reading.object_widths(sample, 64, 128, 8)
+        large = reference_reading.object_widths(sample, 128, 128, 8)
+        placed = [c for r in sample.spec["refs"] for c in r["contributes"] if c["what"] == "object"]
+        assert len(small) == len(large) == len(placed) > 0
+        for (src_small, out_small), (src_large, out_large) in zip(small, large, strict=True):
+            assert out_small == out_large > 0  # the output does not depend on the reference budget
+            assert src_large > src_small > 0  # twice the side: about twice as wide, up to rounding
+            assert src_large / src_small == pytest.approx(2.0, rel=0.25)
+    reference_reading.main(["scales", "--n", "4", "--max-refs", "4", "--budgets", "64,128"])
+    rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| 64² |") or r.startswith("| 128² |")]
+    assert len(rows) == 2 * len(reference_reading.by_k(samples))
+    with pytest.raises(SystemExit):
+        reference_reading.main(["scales", "tiny"])
