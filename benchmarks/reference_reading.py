@@ -1,6 +1,6 @@
 """Does a model read the right reference, and would more reference tokens help? By K (issue 17 §3).
 
-Two reports on the first ``--n`` validation compositions (``compose``, K = 2..``--max-refs``), grouped
+Three reports on the first ``--n`` validation compositions (``compose``, K = 2..``--max-refs``), grouped
 K = 2 / 3 / 4 / 5+:
 
 * ``shares``: of the attention a target token gives to reference tokens, the share on the right
@@ -8,13 +8,13 @@ K = 2 / 3 / 4 / 5+:
   source object, and background tokens on the background picture, each beside a uniform reader's;
 * ``budgets``: ``overall`` with the references planned under each of ``--budgets`` (side of the
   square pixel budget, SELF global), the output at the model's own budget: whether reading the same
-  pictures at more tokens helps a model trained at one budget;
+  pictures at more tokens helps a model trained at one budget (``--tasks edit`` for single edits);
 * ``scales`` (no model): how many tokens wide a placed object is in its source reference, with the
   references planned under each of ``--budgets``, against its width in the output at ``--budget``:
   whether the model must draw an object larger than any picture shows it.
 
     python -m benchmarks.reference_reading shares MODEL... [--n 64]
-    python -m benchmarks.reference_reading budgets MODEL --budgets 128,192,256 [--n 64]
+    python -m benchmarks.reference_reading budgets MODEL --budgets 128,192,256 [--n 64] [--tasks edit]
     python -m benchmarks.reference_reading scales --budgets 128,176 [--n 600]
 """
 
@@ -108,6 +108,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("models", nargs="*", help="`tiny` or tiny model folders (not for `scales`)")
     parser.add_argument("--n", type=int, default=64, help="validation compositions")
     parser.add_argument("--max-refs", type=int, default=6)
+    parser.add_argument("--tasks", default="compose", help="`budgets`: task family or names (`edit`: K = 1)")
     parser.add_argument(
         "--budget", type=int, default=128, help="`shares`: reference and output budget side; `scales`: output"
     )
@@ -116,7 +117,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if (args.report == "scales") == bool(args.models):
         parser.error("`scales` takes no model; `shares` and `budgets` need at least one")
-    samples = split_samples("val", args.n, TaskConfig(parse_tasks("compose"), args.max_refs, SizeRange(48, 160)))
+    tasks = parse_tasks(args.tasks if args.report == "budgets" else "compose")
+    samples = split_samples("val", args.n, TaskConfig(tasks, args.max_refs, SizeRange(48, 160)))
     if args.report == "scales":
         out = f"in the output ({args.budget}²)"
         print(

@@ -344,6 +344,9 @@ def test_reference_reading_reports_shares_and_budgets_by_k(tmp_path: Path, capsy
     budget_rows = [r for r in out.splitlines() if r.startswith("| 32² |") or r.startswith("| 48² |")]
     assert len(budget_rows) == 2
     assert all(0 <= float(r.split("|")[2]) <= 1 for r in budget_rows)
+    reference_reading.main(["budgets", str(folder), "--n", "2", "--budgets", "48", "--tasks", "edit"])
+    edit_out = capsys.readouterr().out
+    assert "| K = 1 |" in edit_out and "(n = 2)" in edit_out and "K = 2" not in edit_out
 
 
 def test_reference_reading_scales_grow_with_the_reference_budget_only(capsys: pytest.CaptureFixture) -> None:
