@@ -144,7 +144,7 @@ class EditPipeline:
         The target is ``size`` if given, else the best size under the target budget with the aspect
         of ``like`` (default: the last reference, as diffusers)."""
         spec = self.model.spec
-        ref_budget = parse_budget(budget) if budget is not None else spec.ref_budget
+        ref_budget = parse_budget(budget) if budget is not None else spec.joint_ref_budget(len(refs))
         out_budget = parse_budget(target_budget) if target_budget is not None else spec.target_budget
         ref_plan = plan([image_size(r) for r in refs], ref_budget, spec.plan_multiple, mode)
         like = like or image_size(refs[-1])

@@ -78,10 +78,18 @@ class LatentSpec:
     target_budget: int  # native pixel budget of the output
     centred_positions: bool = True  # diffusers' scale_rope
     schedule: ScheduleSpec = field(default_factory=ScheduleSpec)
+    # Pixels every reference gets at least: the joint budget of K references is
+    # max(ref_budget, K · ref_floor). 0 keeps SELF's flat budget; > 0 gives many-reference requests
+    # more tokens while one or two references stay on the output's own grid.
+    ref_floor: int = 0
 
     @property
     def token_pixels(self) -> int:
         return self.vae_scale * self.patch_size
+
+    def joint_ref_budget(self, k: int) -> int:
+        """The native pixel budget for ``k`` references together."""
+        return max(self.ref_budget, k * self.ref_floor)
 
 
 @dataclass

@@ -98,6 +98,7 @@ class TinyConfig:
     binding_budget: int = 0
     ref_budget: int = 64 * 64  # stage-1 budget of the paper's 1024² analogue
     target_budget: int = 64 * 64
+    ref_floor: int = 0  # pixels each reference gets at least (LatentSpec.ref_floor)
     plan_multiple: int = 8  # one token: unshuffle × patch
     # The true-CFG scale the pipeline uses by default: > 1 only for weights trained with
     # ``loss.instruction_dropout`` (the first shipped models were not, and sample unguided).
@@ -127,6 +128,7 @@ class TinyConfig:
             plan_multiple=self.plan_multiple,
             ref_budget=self.ref_budget,
             target_budget=self.target_budget,
+            ref_floor=self.ref_floor,
             schedule=ScheduleSpec(**self.schedule),
         )
 
@@ -369,8 +371,8 @@ class TinyModel(EditModel):
     def save(self, folder: str | Path, dtype: torch.dtype | None = None, **native: float) -> Path:
         """Write ``uniref_model.json`` + ``model.safetensors`` atomically into ``folder``; ``dtype``
         (e.g. float16 for the shipped copy, half the bytes) and ``native`` budget overrides
-        (``ref_budget``, ``target_budget`` in pixels: the budget the weights were trained at; ``guidance``;
-        ``noise_level``)."""
+        (``ref_budget``, ``target_budget``, ``ref_floor`` in pixels: the budgets the weights were trained
+        at; ``guidance``; ``noise_level``)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         config = {**asdict(self.config), **native}

@@ -155,6 +155,7 @@ def create_app(pipe: EditPipeline, config: ServeConfig | None = None) -> ServeAp
         model = pipe.model
         info = {
             "ref_budget": spec.ref_budget,
+            "ref_floor": spec.ref_floor,
             "target_budget": spec.target_budget,
             "plan_multiple": spec.plan_multiple,
             "token_pixels": spec.token_pixels,
@@ -172,7 +173,7 @@ def create_app(pipe: EditPipeline, config: ServeConfig | None = None) -> ServeAp
     async def plan_route(request: Request) -> dict[str, Any]:
         form, uploads = await read_form(request, limits)
         refs = await run_in_threadpool(read_images, uploads, limits)
-        budget = budget_field(form, "budget", spec.ref_budget) or spec.ref_budget
+        budget = budget_field(form, "budget", spec.ref_budget) or spec.joint_ref_budget(len(refs))
         mode = mode_field(form, "mode", allow_round=True)
         multiple = int_field(form, "multiple", 1, 1024) or spec.plan_multiple
         token_pixels = int_field(form, "token_pixels", 1, 1024) or spec.token_pixels

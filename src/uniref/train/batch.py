@@ -62,13 +62,18 @@ def make_batch(
     logit_mean: float = 0.0,
     logit_std: float = 1.0,
     instruction_dropout: float = 0.0,
+    ref_floor: int = 0,
 ) -> TrainBatch:
     """Plan, encode, noise and pack ``samples``. Sample i's σ and ε come from a generator seeded with
     ``noise_seeds[i]`` alone, so they do not depend on the batch, the process or a resume. With
     ``instruction_dropout`` p, that generator also replaces a sample's instruction by the negative
-    prompt with probability p (its references stay), which is what true CFG contrasts with."""
+    prompt with probability p (its references stay), which is what true CFG contrasts with.
+    ``ref_floor`` (pixels) raises a sample's joint reference budget to K · ref_floor when that is more
+    (:meth:`LatentSpec.joint_ref_budget`)."""
     spec = model.spec
-    ref_plans = [plan([image_size(r) for r in s.refs], ref_budget, spec.plan_multiple) for s in samples]
+    ref_plans = [
+        plan([image_size(r) for r in s.refs], max(ref_budget, s.k * ref_floor), spec.plan_multiple) for s in samples
+    ]
     targets = [plan_target(target_budget, spec.plan_multiple, like=image_size(s.target)) for s in samples]
     images = [
         to_tensor(resize(r, size))

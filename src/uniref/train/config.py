@@ -66,6 +66,11 @@ class StageSection(StrictModel):
 
     budget: int = Field(..., gt=0, description="reference budget side: 64 means 64² pixels for all references")
     target_budget: int | None = Field(None, gt=0, description="output budget side (default: budget)")
+    ref_floor: int | None = Field(
+        None,
+        gt=0,
+        description="side of the pixels each reference gets at least: K references share max(budget², K·ref_floor²)",
+    )
     steps: int = Field(..., gt=0, description="optimizer steps in this stage")
     batch_size: int = Field(..., gt=0, description="global batch size (samples per optimizer step)")
     lr_scale: float = Field(1.0, gt=0, description="multiplies the schedule's learning rate in this stage")

@@ -74,6 +74,7 @@ def train_sft(config: SFTConfig, hooks: Any = None) -> RunSummary:
             config.loss.logit_mean,
             config.loss.logit_std,
             config.loss.instruction_dropout,
+            (stage.ref_floor or 0) ** 2,
         )
         with autocast():
             return batch, encoders.encode_condition(batch.instructions, batch.refs, batch.ref_sizes)
