@@ -133,6 +133,12 @@ def plan(
     return Plan(mode, budget, multiple, originals, tuple(planned))
 
 
+def joint_budget(budget: int, k: int, floor: int = 0) -> int:
+    """The pixel budget ``k`` references share when each is owed at least ``floor`` pixels: the larger
+    of ``budget`` and ``k · floor`` (``floor`` 0: SELF's flat budget)."""
+    return max(budget, k * floor)
+
+
 def plan_target(
     budget: int,
     multiple: int,

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
-from uniref.budget import Size
+from uniref.budget import Size, joint_budget
 from uniref.errors import ModelError
 from uniref.flow import ScheduleSpec  # the schedule's parameters are flow's own type; adapters fill them in
 from uniref.sequence import PackedBatch
@@ -89,7 +89,7 @@ class LatentSpec:
 
     def joint_ref_budget(self, k: int) -> int:
         """The native pixel budget for ``k`` references together."""
-        return max(self.ref_budget, k * self.ref_floor)
+        return joint_budget(self.ref_budget, k, self.ref_floor)
 
 
 @dataclass

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from uniref import flow
-from uniref.budget import Size, plan, plan_target
+from uniref.budget import Size, joint_budget, plan, plan_target
 from uniref.data.sample import Sample
 from uniref.errors import ConfigError
 from uniref.images import image_size, resize, to_tensor
@@ -69,10 +69,11 @@ def make_batch(
     ``instruction_dropout`` p, that generator also replaces a sample's instruction by the negative
     prompt with probability p (its references stay), which is what true CFG contrasts with.
     ``ref_floor`` (pixels) raises a sample's joint reference budget to K · ref_floor when that is more
-    (:meth:`LatentSpec.joint_ref_budget`)."""
+    (:func:`uniref.budget.joint_budget`)."""
     spec = model.spec
     ref_plans = [
-        plan([image_size(r) for r in s.refs], max(ref_budget, s.k * ref_floor), spec.plan_multiple) for s in samples
+        plan([image_size(r) for r in s.refs], joint_budget(ref_budget, s.k, ref_floor), spec.plan_multiple)
+        for s in samples
     ]
     targets = [plan_target(target_budget, spec.plan_multiple, like=image_size(s.target)) for s in samples]
     images = [

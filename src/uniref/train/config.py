@@ -78,6 +78,14 @@ class StageSection(StrictModel):
     task_mix: dict[str, float] | None = Field(None, description="this stage's data.task_mix (a K curriculum)")
     max_refs: int | None = Field(None, ge=1, le=10, description="this stage's data.max_refs")
 
+    def pixel_budgets(self) -> dict[str, int]:
+        """``ref_budget``, ``target_budget`` and ``ref_floor`` in pixels (what batches and exports use)."""
+        return {
+            "ref_budget": self.budget**2,
+            "target_budget": (self.target_budget or self.budget) ** 2,
+            "ref_floor": (self.ref_floor or 0) ** 2,
+        }
+
 
 class OptimSection(StrictModel):
     lr: float = Field(1e-4, gt=0)

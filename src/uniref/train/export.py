@@ -58,11 +58,7 @@ def export_run(
     native: dict[str, float] = {}
     if isinstance(config, SFTConfig):
         _, stage = config.stage_at(max(0, state["step"] - 1))
-        native = {
-            "ref_budget": stage.budget**2,
-            "target_budget": (stage.target_budget or stage.budget) ** 2,
-            "ref_floor": (stage.ref_floor or 0) ** 2,
-        }
+        native = dict(stage.pixel_budgets())
         if guidance is not None and guidance > 1 and config.loss.instruction_dropout == 0:
             raise ConfigError(
                 f"--guidance {guidance:g}: {run} was trained without loss.instruction_dropout, so its negative "

@@ -65,16 +65,17 @@ def train_sft(config: SFTConfig, hooks: Any = None) -> RunSummary:
         """Plan, encode, noise and pack one step's samples (here or in a data worker); the VAE runs
         outside autocast, the text encoder inside it."""
         _, stage = config.stage_at(batches.step_of(indices[0]))
+        budgets = stage.pixel_budgets()
         batch = make_batch(
             encoders,
             samples,
-            stage.budget**2,
-            (stage.target_budget or stage.budget) ** 2,
+            budgets["ref_budget"],
+            budgets["target_budget"],
             [noise_seed(config.run.seed, i) for i in indices],
             config.loss.logit_mean,
             config.loss.logit_std,
             config.loss.instruction_dropout,
-            (stage.ref_floor or 0) ** 2,
+            budgets["ref_floor"],
         )
         with autocast():
             return batch, encoders.encode_condition(batch.instructions, batch.refs, batch.ref_sizes)
