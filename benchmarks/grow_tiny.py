@@ -1,4 +1,5 @@
-"""Deepen or widen a trained tiny model without changing what it computes (issue 17's capacity probes).
+"""Deepen, widen or give reference roles to a trained tiny model without changing what it computes
+(issue 17's probes).
 
 Deepen: new joint blocks go in before the last one. A fresh block's modulation is zero (adaLN-zero), so its
 gates are zero and it passes both streams through unchanged: the deeper model starts as exactly the
@@ -13,8 +14,12 @@ norms over ``[h, h]`` equal ``[norm(h), norm(h)]`` and every head keeps its size
 computes what the narrow one did; the timestep's sinusoids at the new width contain the old ones
 (every second frequency). Small noise then breaks the copies' symmetry, or they would stay equal.
 
+Reference roles (``TinyConfig.ref_roles``): the new layer starts at zero, so the model computes what it
+did until fine-tuning moves it.
+
     python -m benchmarks.grow_tiny runs/probes/object_pathway/export_step_00002400 --depth 10 -o runs/probes/deep10_base
     python -m benchmarks.grow_tiny runs/probes/objw8/export_step_00000600 --width 256 -o runs/probes/wide256_base
+    python -m benchmarks.grow_tiny src/uniref/assets/tiny --ref-roles -o runs/probes/roles_base
 """
 
 from __future__ import annotations
@@ -49,6 +54,19 @@ def deepen(model: TinyModel, depth: int, seed: int = 0) -> TinyModel:
             key = f"blocks.{int(index) if int(index) < old - 1 else depth - 1}.{rest}"
         state[key] = value
     net.load_state_dict(state)
+    net.to(model.device).eval()
+    return TinyModel(config, net, model.tokenizer, name=model.name, codec=model.codec)
+
+
+def with_ref_roles(model: TinyModel) -> TinyModel:
+    """``model`` with reference roles switched on (a fresh, zero role layer; every other weight kept)."""
+    if model.config.ref_roles:
+        raise ValueError("the model already has reference roles")
+    config = TinyConfig(**{**asdict(model.config), "ref_roles": True})
+    net = TinyMMDiT(config, model.net.word_embed.num_embeddings)
+    missing, unexpected = net.load_state_dict(model.net.state_dict(), strict=False)
+    if unexpected or any(not key.startswith("role_in.") for key in missing):
+        raise ValueError(f"weights do not match (missing {missing}, unexpected {unexpected})")
     net.to(model.device).eval()
     return TinyModel(config, net, model.tokenizer, name=model.name, codec=model.codec)
 
@@ -111,6 +129,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("model", type=Path, help="tiny model folder")
     parser.add_argument("--depth", type=int, help="joint blocks of the grown model")
     parser.add_argument("--width", type=int, help="width of the grown model (twice the model's)")
+    parser.add_argument("--ref-roles", action="store_true", help="switch reference roles on (TinyConfig.ref_roles)")
     parser.add_argument("-o", "--output", type=Path, required=True, help="folder to write")
     args = parser.parse_args(argv)
     model = load_tiny_folder(args.model)
@@ -118,6 +137,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         model = widen(model, args.width)
     if args.depth:
         model = deepen(model, args.depth)
+    if args.ref_roles:
+        model = with_ref_roles(model)
     print(f"wrote {model.save(args.output)}")
 
 

@@ -1,6 +1,6 @@
 """Does a model read the right reference, and would more reference tokens help? By K (issue 17 §3).
 
-Three reports on the first ``--n`` validation compositions (``compose``, K = 2..``--max-refs``), grouped
+Four reports on the first ``--n`` validation compositions (``compose``, K = 2..``--max-refs``), grouped
 K = 2 / 3 / 4 / 5+:
 
 * ``shares``: of the attention a target token gives to reference tokens, the share on the right
@@ -11,17 +11,23 @@ K = 2 / 3 / 4 / 5+:
   pictures at more tokens helps a model trained at one budget (``--tasks edit`` for single edits);
 * ``scales`` (no model): how many tokens wide a placed object is in its source reference, with the
   references planned under each of ``--budgets``, against its width in the output at ``--budget``:
-  whether the model must draw an object larger than any picture shows it.
+  whether the model must draw an object larger than any picture shows it;
+* ``order``: each placed object's score (``uniref.rewards``: shape, colour, pattern and place against
+  its source) by where the instruction names it (1st, 2nd, 3rd and later), the background picture's
+  score, and how often every object scores ≥ 0.5: whether a model places the first object named and
+  drops the rest.
 
     python -m benchmarks.reference_reading shares MODEL... [--n 64]
     python -m benchmarks.reference_reading budgets MODEL --budgets 128,192,256 [--n 64] [--tasks edit]
     python -m benchmarks.reference_reading scales --budgets 128,176 [--n 600]
+    python -m benchmarks.reference_reading order MODEL... [--n 64]
 """
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -67,6 +73,26 @@ def budget_row(pipe: EditPipeline, samples: Sequence[Sample], budget: int) -> st
     return f"| {budget}² | {report.overall:.3f} | {cells} |"
 
 
+def order_rows(model: str, pipe: Any, samples: Sequence[Sample]) -> list[str]:
+    """Per K group: placed-object scores by the object's place in the instruction (``compose`` lists
+    objects in that order), the background's score, and the share of samples with every object ≥ 0.5.
+    ``pipe``: anything with the pipeline's ``generate`` (``model`` names it in the rows)."""
+    report = evaluate(pipe, samples, progress=False)
+    groups: dict[str, list[dict]] = {}
+    for record in report.records:
+        groups.setdefault(_group(record.k), []).append(record.score.details)
+    rows = []
+    for name, details in groups.items():
+        objects = [d["objects"] for d in details]
+        by_place = [[o[j] for o in objects if len(o) > j] for j in range(2)]
+        later = [v for o in objects for v in o[2:]]
+        cells = [f"{np.mean(v):.3f}" if v else "–" for v in [*by_place, later]]
+        every = np.mean([min(o) >= 0.5 for o in objects])
+        background = np.mean([d["background"] for d in details])
+        rows.append(f"| {model} | {name} | {len(details)} | {' | '.join(cells)} | {background:.3f} | {every:.2f} |")
+    return rows
+
+
 def object_widths(sample: Sample, ref_budget: int, out_budget: int, token_px: int) -> list[tuple[float, float]]:
     """(width in its source reference, width in the output), in tokens, of each placed object.
 
@@ -104,7 +130,7 @@ def scale_rows(samples: Sequence[Sample], budgets: Sequence[int], out_budget: in
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("report", choices=["shares", "budgets", "scales"])
+    parser.add_argument("report", choices=["shares", "budgets", "scales", "order"])
     parser.add_argument("models", nargs="*", help="`tiny` or tiny model folders (not for `scales`)")
     parser.add_argument("--n", type=int, default=64, help="validation compositions")
     parser.add_argument("--max-refs", type=int, default=6)
@@ -126,6 +152,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
         print("|---|---|---:|---:|---:|---:|")
         print("\n".join(scale_rows(samples, [int(b) for b in args.budgets.split(",")], args.budget, args.token_px)))
+        return
+    if args.report == "order":
+        print("| model | group | n | 1st object named | 2nd | 3rd and later | background | every object ≥ 0.5 |")
+        print("|---|---|---:|---:|---:|---:|---:|---:|")
+        for model in args.models:
+            print("\n".join(order_rows(model, EditPipeline.from_pretrained(model), samples)), flush=True)
         return
     if args.report == "shares":
         print("| model | group | n | object share | uniform | background share | uniform |")

@@ -371,3 +371,32 @@ def test_reference_reading_scales_grow_with_the_reference_budget_only(capsys: py
     assert len(rows) == 2 * len(reference_reading.by_k(samples))
     with pytest.raises(SystemExit):
         reference_reading.main(["scales", "tiny"])
+
+
+def test_reference_reading_order_scores_every_named_object_and_the_background(capsys: pytest.CaptureFixture) -> None:
+    from types import SimpleNamespace
+
+    from benchmarks import reference_reading
+
+    samples = reference_reading.split_samples(
+        "val",
+        6,
+        reference_reading.TaskConfig(reference_reading.parse_tasks("compose"), 4, reference_reading.SizeRange(48, 160)),
+    )
+
+    class Returns:  # a pipeline that answers every sample with a fixed choice of picture
+        def __init__(self, pick) -> None:
+            self.pick, self.seen = pick, 0
+
+        def generate(self, instructions, refs, **_) -> SimpleNamespace:
+            images = [self.pick(samples[self.seen + i]) for i in range(len(instructions))]
+            self.seen += len(instructions)
+            return SimpleNamespace(images=images)
+
+    truth = reference_reading.order_rows("truth", Returns(lambda s: s.target), samples)
+    assert {r.split("|")[2].strip() for r in truth} == {f"K = {s.k}" for s in samples}
+    for row in truth:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert all(c in ("1.000", "–") for c in cells[3:7]) and cells[7] == "1.00"
+    copy = reference_reading.order_rows("copy", Returns(lambda s: s.refs[0]), samples)
+    assert all(float(r.strip("|").split("|")[3]) < 1 for r in copy)

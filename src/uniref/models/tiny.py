@@ -96,6 +96,12 @@ class TinyConfig:
     # tokens, so the text encoder can resolve "the star from picture 2" before the denoiser runs.
     # 0: words only (the first shipped model).
     binding_budget: int = 0
+    # Reference roles: each reference's tokens in the denoiser also get the mean of its binding tokens
+    # as the text encoder leaves them (they have read the instruction), through a layer that starts at
+    # zero. A reference then carries what the instruction asks of it ("background", "the star at the
+    # top"), as Qwen-Image-Edit's VL encoder's image tokens do, so a target token can find its source
+    # in one attention hop instead of going through the words. Needs binding_budget > 0.
+    ref_roles: bool = False
     ref_budget: int = 64 * 64  # stage-1 budget of the paper's 1024² analogue
     target_budget: int = 64 * 64
     ref_floor: int = 0  # pixels each reference gets at least (LatentSpec.ref_floor)

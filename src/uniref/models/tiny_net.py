@@ -199,6 +199,12 @@ class TinyMMDiT(nn.Module):
         self.text_norm = nn.LayerNorm(w)
         if config.binding_budget:
             self.thumb_in = nn.Linear(config.token_dim, w)
+        if config.ref_roles:
+            if not config.binding_budget:
+                raise ValueError("ref_roles needs binding (binding_budget > 0): a role is read from binding tokens")
+            self.role_in = nn.Linear(w, w)
+            nn.init.zeros_(self.role_in.weight)  # zero: a model grown with roles computes what it did
+            nn.init.zeros_(self.role_in.bias)
         self.img_in = nn.Linear(config.token_dim, w)
         self.txt_in = nn.Linear(w, w)
         self.frame_embed = nn.Embedding(config.max_frames, w)
@@ -262,12 +268,17 @@ class TinyMMDiT(nn.Module):
         text_mask = attention_mask(txt_ids)
         for block in self.text_blocks:
             txt_h = block(txt_h, text_mask)
-        txt_h = self.txt_in(self.text_norm(txt_h))
+        txt_h = self.text_norm(txt_h)
+        frames = position_ids[..., 0].clamp(0, cfg.max_frames - 1)
+        img = self.img_in(x_t) + self.frame_embed(frames) + self.coord_in(_fourier(coords, cfg.coord_freqs))
+        if binding is not None and cfg.ref_roles:
+            roles = reference_roles(txt_h, binding.frame, txt_ids, sigma.shape[0], cfg.max_frames)
+            is_ref = ((img_ids != PAD) & (token_type == REFERENCE))[..., None]
+            img = img + is_ref * self.role_in(roles)[img_ids.clamp_min(0) * cfg.max_frames + frames]
+        txt_h = self.txt_in(txt_h)
         if binding is not None:
             txt_h = txt_h.gather(1, binding.words_at[..., None].expand(-1, -1, txt_h.shape[-1]))
             txt_ids = binding.words_ids
-        frames = position_ids[..., 0].clamp(0, cfg.max_frames - 1)
-        img = self.img_in(x_t) + self.frame_embed(frames) + self.coord_in(_fourier(coords, cfg.coord_freqs))
         # Per-sample embeddings of σ and of 0 (clean references), gathered per token; row B is padding.
         # Embedding table: one row per sample's σ, then σ = 0 (clean references and padding).
         b = sigma.shape[0]
@@ -286,6 +297,21 @@ class TinyMMDiT(nn.Module):
                 img, txt_h = block(img, txt_h, temb, img_idx, txt_idx, rope, mask)
         shift, scale = F.embedding(img_idx, self.out_mod(F.silu(temb))).chunk(2, dim=-1)
         return self.out(self.out_norm(img) * (1 + scale) + shift)
+
+
+def reference_roles(
+    txt_h: torch.Tensor, frame: torch.Tensor, txt_ids: torch.Tensor, n_samples: int, max_frames: int
+) -> torch.Tensor:
+    """(n_samples · max_frames, W): row ``s · max_frames + i`` is the mean encoder output over sample
+    ``s``'s binding tokens of picture ``i`` (its "picture i" label and thumbnail); zero where none.
+    ``txt_h`` (R, Lt, W), ``frame`` (R, Lt) picture of each text token (0: instruction words),
+    ``txt_ids`` (R, Lt) sample id or PAD."""
+    bound = (txt_ids != PAD) & (frame > 0)
+    key = (txt_ids.clamp_min(0) * max_frames + frame.clamp(0, max_frames - 1))[bound]
+    rows = n_samples * max_frames
+    sums = txt_h.new_zeros(rows, txt_h.shape[-1]).index_add(0, key, txt_h[bound])
+    counts = txt_h.new_zeros(rows).index_add(0, key, txt_h.new_ones(key.shape[0]))
+    return sums / counts.clamp_min(1)[:, None]
 
 
 def _fourier(coords: torch.Tensor, n: int) -> torch.Tensor:
