@@ -82,7 +82,7 @@ def order_rows(model: str, pipe: Any, samples: Sequence[Sample]) -> list[str]:
     for record in report.records:
         groups.setdefault(_group(record.k), []).append(record.score.details)
     rows = []
-    for name, details in groups.items():
+    for name, details in sorted(groups.items()):
         objects = [d["objects"] for d in details]
         by_place = [[o[j] for o in objects if len(o) > j] for j in range(2)]
         later = [v for o in objects for v in o[2:]]

@@ -92,6 +92,21 @@ def _strip_ema(ema: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in ema.items() if k != "n_averaged"}
 
 
+def scaled_param_groups(net: torch.nn.Module, lr: float, scales: dict[str, float]) -> list[dict[str, Any]]:
+    """The trainable parameters in optimizer groups: first those at ``lr`` (group 0, the one logged), then
+    one group per ``scales`` key (parameters whose name starts with it, at ``lr`` × its value)."""
+    named = [(name, p) for name, p in net.named_parameters() if p.requires_grad]
+    for prefix, scale in scales.items():
+        if scale <= 0:
+            raise ConfigError(f"optim.lr_scale.{prefix}: {scale} must be > 0")
+        if not any(name.startswith(prefix) for name, _ in named):
+            raise ConfigError(f"optim.lr_scale.{prefix}: no trainable parameter's name starts with it")
+    match = {name: next((k for k in scales if name.startswith(k)), None) for name, _ in named}
+    groups = [{"params": [p for name, p in named if match[name] is None], "lr": lr}]
+    groups += [{"params": [p for name, p in named if match[name] == k], "lr": lr * v} for k, v in scales.items()]
+    return [g for g in groups if g["params"]]
+
+
 class Runtime:
     """Accelerator, optimizer, EMA, checkpoints, logs and signals for one run."""
 
@@ -107,11 +122,11 @@ class Runtime:
         self.model = model
         net = model.denoiser()
         net.train()
-        params = [p for p in net.parameters() if p.requires_grad]
-        if not params:
-            raise ConfigError("nothing to train: every parameter of the model is frozen")
         optim = config.optim
-        self.optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay)
+        groups = scaled_param_groups(net, optim.lr, optim.lr_scale)
+        if not groups:
+            raise ConfigError("nothing to train: every parameter of the model is frozen")
+        self.optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda)
         wrapped, self.optimizer = self.accelerator.prepare(net, self.optimizer)
         model.set_denoiser(wrapped)
