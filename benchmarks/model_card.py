@@ -88,7 +88,7 @@ def table(title: str, rows: dict[Any, dict[str, dict]]) -> list[str]:
     return markdown_table(header, body).splitlines()
 
 
-def goal_table(reports: dict[str, EvalReport], model: str) -> list[str]:
+def goal_table(reports: dict[str, EvalReport], model: str, split: str = "test") -> list[str]:
     rows = _rows(reports, _bucket)
     body = []
     for bucket, goal in GOALS.items():
@@ -111,7 +111,7 @@ def goal_table(reports: dict[str, EvalReport], model: str) -> list[str]:
                 "yes" if met else "**no**",
             ]
         )
-    header = ["test samples", "n", "overall", "goal", "best trivial baseline", "margin (goal +0.3)", "met"]
+    header = [f"{split} samples", "n", "overall", "goal", "best trivial baseline", "margin (goal +0.3)", "met"]
     return markdown_table(header, body).splitlines()
 
 
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
         "",
         "### Goals (issue 17)",
         "",
-        *goal_table(reports, args.model),
+        *goal_table(reports, args.model, args.split),
         "",
         "### By group",
         "",

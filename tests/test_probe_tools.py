@@ -94,6 +94,7 @@ def test_model_card_on_val_writes_its_tables_and_figures_where_told(tmp_path: Pa
     )
     text = (out / "tiny_eval.md").read_text()
     assert "**Validation** split" in text and "--split val" in text
+    assert "| val samples | n | overall | goal |" in text and "test samples" not in text
     assert "baseline: copy_first" in text and "0.01 h" in text  # 4 gaps of 10 s
     assert (out / "tiny_loss.png").stat().st_size > 0 and (out / "tiny_samples.png").stat().st_size > 0
 
