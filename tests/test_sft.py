@@ -366,7 +366,7 @@ def test_a_task_mix_entry_can_cap_its_own_k_and_a_bad_cap_is_named() -> None:
             SceneSource({bad: 1.0}, 6, "48:160")
 
 
-def test_lr_scale_puts_named_parameters_in_their_own_group_and_resumes_bit_for_bit(tmp_path: Path) -> None:
+def test_param_lr_scale_puts_named_parameters_in_their_own_group_and_resumes_bit_for_bit(tmp_path: Path) -> None:
     from uniref.errors import ConfigError
     from uniref.train.runtime import scaled_param_groups
 
@@ -374,9 +374,9 @@ def test_lr_scale_puts_named_parameters_in_their_own_group_and_resumes_bit_for_b
     groups = scaled_param_groups(net, 1e-3, {"1.": 10.0})
     assert [g["lr"] for g in groups] == [1e-3, 1e-2]
     assert groups[0]["params"] == list(net[0].parameters()) and groups[1]["params"] == list(net[1].parameters())
-    with pytest.raises(ConfigError, match="lr_scale.role_in: no trainable parameter"):
+    with pytest.raises(ConfigError, match="param_lr_scale.role_in: no trainable parameter"):
         scaled_param_groups(net, 1e-3, {"role_in": 10.0})
-    scaled = "optim.lr_scale={out: 10.0}"
+    scaled = "optim.param_lr_scale={out: 10.0}"
     straight = train_sft(_config(tmp_path / "a", "train.max_steps=4", scaled))
     train_sft(_config(tmp_path / "b", "train.max_steps=2", scaled))
     resumed = train_sft(_config(tmp_path / "b", "train.max_steps=4", scaled))

@@ -95,7 +95,7 @@ class OptimSection(StrictModel):
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine decays to lr·min_lr_ratio")
     grad_clip: float = Field(1.0, gt=0)
     ema_decay: float = Field(0.999, ge=0, lt=1, description="0 disables EMA")
-    lr_scale: dict[str, float] = Field(
+    param_lr_scale: dict[str, float] = Field(
         default_factory=dict,
         description="parameters whose name starts with a key train at lr × its value (first key that matches), "
         "e.g. {role_in: 10} for a layer grown at zero into trained weights",

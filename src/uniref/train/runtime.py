@@ -98,9 +98,9 @@ def scaled_param_groups(net: torch.nn.Module, lr: float, scales: dict[str, float
     named = [(name, p) for name, p in net.named_parameters() if p.requires_grad]
     for prefix, scale in scales.items():
         if scale <= 0:
-            raise ConfigError(f"optim.lr_scale.{prefix}: {scale} must be > 0")
+            raise ConfigError(f"optim.param_lr_scale.{prefix}: {scale} must be > 0")
         if not any(name.startswith(prefix) for name, _ in named):
-            raise ConfigError(f"optim.lr_scale.{prefix}: no trainable parameter's name starts with it")
+            raise ConfigError(f"optim.param_lr_scale.{prefix}: no trainable parameter's name starts with it")
     match = {name: next((k for k in scales if name.startswith(k)), None) for name, _ in named}
     groups = [{"params": [p for name, p in named if match[name] is None], "lr": lr}]
     groups += [{"params": [p for name, p in named if match[name] == k], "lr": lr * v} for k, v in scales.items()]
@@ -123,7 +123,7 @@ class Runtime:
         net = model.denoiser()
         net.train()
         optim = config.optim
-        groups = scaled_param_groups(net, optim.lr, optim.lr_scale)
+        groups = scaled_param_groups(net, optim.lr, optim.param_lr_scale)
         if not groups:
             raise ConfigError("nothing to train: every parameter of the model is frozen")
         self.optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay)
