@@ -69,3 +69,16 @@ def test_export_stores_the_chosen_guidance_and_refuses_it_without_dropout(tmp_pa
     assert not (tmp_path / "n").exists()
     code, _, _ = run_cli([*export, str(tmp_path / "plain"), "-o", str(tmp_path / "n")], capsys)
     assert code == 0 and load_tiny_folder(tmp_path / "n").default_guidance == 1.0
+
+
+def test_export_of_a_run_whose_config_has_an_unknown_key_says_so_in_one_line(tmp_path: Path, capsys) -> None:
+    from cli_helpers import run_cli
+    from test_sft import _config
+    from uniref.train.sft import train_sft
+
+    train_sft(_config(tmp_path / "run", "train.max_steps=1"))
+    config = tmp_path / "run" / "config.yaml"
+    config.write_text(config.read_text().replace("optim:\n", "optim:\n  not_a_key: 1\n", 1))
+    code, _, err = run_cli(["train", "export", str(tmp_path / "run"), "-o", str(tmp_path / "m")], capsys)
+    assert code == 2 and err.count("\n") == 1 and "unknown key 'optim.not_a_key'" in err
+    assert not (tmp_path / "m").exists()

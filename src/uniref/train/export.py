@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from uniref.config import read_yaml
+from uniref.config import build_config, read_yaml
 from uniref.errors import ConfigError, ModelError
 from uniref.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from uniref.train.config import RLConfig, SFTConfig
@@ -15,11 +15,7 @@ from uniref.train.runtime import _strip_ema, build_model
 
 def _run_config(run: Path) -> SFTConfig | RLConfig:
     data = read_yaml(run / "config.yaml")
-    cls = RLConfig if "rl" in data else SFTConfig
-    try:
-        return cls.model_validate(data)
-    except ValueError as exc:
-        raise ConfigError(f"{run / 'config.yaml'}: {exc}") from None
+    return build_config(RLConfig if "rl" in data else SFTConfig, data, str(run / "config.yaml"))
 
 
 def export_run(
