@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 
@@ -36,7 +35,7 @@ from uniref.budget import Size, plan, plan_target
 from uniref.data import SizeRange, TaskConfig, parse_tasks
 from uniref.data.sample import Sample
 from uniref.data.splits import split_samples
-from uniref.eval import evaluate
+from uniref.eval import EvalReport, evaluate, evaluate_baselines
 from uniref.models.tiny import SHIPPED_DIR
 from uniref.pipeline import EditPipeline
 
@@ -73,23 +72,22 @@ def budget_row(pipe: EditPipeline, samples: Sequence[Sample], budget: int) -> st
     return f"| {budget}² | {report.overall:.3f} | {cells} |"
 
 
-def order_rows(model: str, pipe: Any, samples: Sequence[Sample]) -> list[str]:
-    """Per K group: placed-object scores by the object's place in the instruction (``compose`` lists
-    objects in that order), the background's score, and the share of samples with every object ≥ 0.5.
-    ``pipe``: anything with the pipeline's ``generate`` (``model`` names it in the rows)."""
-    report = evaluate(pipe, samples, progress=False)
+def order_rows(name: str, report: EvalReport) -> list[str]:
+    """Per K group of ``report`` (an evaluation of ``compose`` samples): placed-object scores by the
+    object's place in the instruction (``compose`` lists objects in that order), the background's score,
+    and the share of samples with every object ≥ 0.5. ``name`` labels the rows."""
     groups: dict[str, list[dict]] = {}
     for record in report.records:
         groups.setdefault(_group(record.k), []).append(record.score.details)
     rows = []
-    for name, details in sorted(groups.items()):
+    for group, details in sorted(groups.items()):
         objects = [d["objects"] for d in details]
         by_place = [[o[j] for o in objects if len(o) > j] for j in range(2)]
         later = [v for o in objects for v in o[2:]]
         cells = [f"{np.mean(v):.3f}" if v else "–" for v in [*by_place, later]]
         every = np.mean([min(o) >= 0.5 for o in objects])
         background = np.mean([d["background"] for d in details])
-        rows.append(f"| {model} | {name} | {len(details)} | {' | '.join(cells)} | {background:.3f} | {every:.2f} |")
+        rows.append(f"| {name} | {group} | {len(details)} | {' | '.join(cells)} | {background:.3f} | {every:.2f} |")
     return rows
 
 
@@ -157,7 +155,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         print("| model | group | n | 1st object named | 2nd | 3rd and later | background | every object ≥ 0.5 |")
         print("|---|---|---:|---:|---:|---:|---:|---:|")
         for model in args.models:
-            print("\n".join(order_rows(model, EditPipeline.from_pretrained(model), samples)), flush=True)
+            report = evaluate(EditPipeline.from_pretrained(model), samples, progress=False)
+            print("\n".join(order_rows(model, report)), flush=True)
+        for name, report in evaluate_baselines(samples).items():
+            print("\n".join(order_rows(f"*baseline: {name}*", report)))
         return
     if args.report == "shares":
         print("| model | group | n | object share | uniform | background share | uniform |")

@@ -10,6 +10,7 @@ from test_sft import _config
 from uniref.data import TaskConfig, generate, parse_tasks
 from uniref.data.scenes import SceneObject
 from uniref.errors import ConfigError
+from uniref.eval import evaluate
 from uniref.models.tiny import TinyConfig, build_tiny
 from uniref.sequence import attention_mask
 from uniref.train.batch import flow_loss, make_batch
@@ -373,7 +374,9 @@ def test_reference_reading_scales_grow_with_the_reference_budget_only(capsys: py
         reference_reading.main(["scales", "tiny"])
 
 
-def test_reference_reading_order_scores_every_named_object_and_the_background(capsys: pytest.CaptureFixture) -> None:
+def test_reference_reading_order_scores_every_named_object_and_the_background(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     from types import SimpleNamespace
 
     from benchmarks import reference_reading
@@ -393,10 +396,15 @@ def test_reference_reading_order_scores_every_named_object_and_the_background(ca
             self.seen += len(instructions)
             return SimpleNamespace(images=images)
 
-    truth = reference_reading.order_rows("truth", Returns(lambda s: s.target), samples)
+    truth = reference_reading.order_rows("truth", evaluate(Returns(lambda s: s.target), samples, progress=False))
     assert {r.split("|")[2].strip() for r in truth} == {f"K = {s.k}" for s in samples}
     for row in truth:
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert all(c in ("1.000", "–") for c in cells[3:7]) and cells[7] == "1.00"
-    copy = reference_reading.order_rows("copy", Returns(lambda s: s.refs[0]), samples)
+    copy = reference_reading.order_rows("copy", evaluate(Returns(lambda s: s.refs[0]), samples, progress=False))
     assert all(float(r.strip("|").split("|")[3]) < 1 for r in copy)
+    # From the command line: the model's rows, then the trivial baselines' on the same samples.
+    folder = build_tiny(SMALL, seed=4).save(tmp_path / "model", target_budget=48 * 48, ref_budget=48 * 48)
+    reference_reading.main(["order", str(folder), "--n", "3", "--max-refs", "3"])
+    out = capsys.readouterr().out
+    assert f"| {folder} | K = " in out and "| *baseline: copy_first* | K = " in out and "| *baseline: grey* |" in out
