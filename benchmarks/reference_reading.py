@@ -14,8 +14,9 @@ K = 2 / 3 / 4 / 5+:
   whether the model must draw an object larger than any picture shows it;
 * ``order``: each placed object's score (``uniref.rewards``: shape, colour, pattern and place against
   its source) by where the instruction names it (1st, 2nd, 3rd and later), the background picture's
-  score, and how often every object scores ≥ 0.5: whether a model places the first object named and
-  drops the rest.
+  score, how often the output's background is closer to the named picture's than to any other
+  picture's, and how often every object scores ≥ 0.5: whether a model places the first object named
+  and drops the rest, and whether it takes the wrong picture's background.
 
     python -m benchmarks.reference_reading shares MODEL... [--n 64]
     python -m benchmarks.reference_reading budgets MODEL --budgets 128,192,256 [--n 64] [--tasks edit]
@@ -29,15 +30,18 @@ import argparse
 from collections.abc import Sequence
 
 import numpy as np
+from PIL import Image
 
 from benchmarks.routing_diagnostics import routing_share
 from uniref.budget import Size, plan, plan_target
 from uniref.data import SizeRange, TaskConfig, parse_tasks
 from uniref.data.sample import Sample
+from uniref.data.scenes import Scene
 from uniref.data.splits import split_samples
-from uniref.eval import EvalReport, evaluate, evaluate_baselines
+from uniref.eval import EvalReport, baseline_output, evaluate, evaluate_baselines
 from uniref.models.tiny import SHIPPED_DIR
 from uniref.pipeline import EditPipeline
+from uniref.rewards.metrics import Scorer
 
 
 def _group(k: int) -> str:
@@ -72,22 +76,37 @@ def budget_row(pipe: EditPipeline, samples: Sequence[Sample], budget: int) -> st
     return f"| {budget}² | {report.overall:.3f} | {cells} |"
 
 
-def order_rows(name: str, report: EvalReport) -> list[str]:
-    """Per K group of ``report`` (an evaluation of ``compose`` samples): placed-object scores by the
-    object's place in the instruction (``compose`` lists objects in that order), the background's score,
-    and the share of samples with every object ≥ 0.5. ``name`` labels the rows."""
-    groups: dict[str, list[dict]] = {}
-    for record in report.records:
-        groups.setdefault(_group(record.k), []).append(record.score.details)
+def takes_named_background(sample: Sample, output: Image.Image) -> bool:
+    """Whether ``output``'s background (pixels no target object covers) is closer to the named
+    background picture's than to any other picture's background."""
+    scorer = Scorer(sample)
+    likes = [scorer.background_like(output, Scene.from_json(ref["scene"])) for ref in sample.spec["refs"]]
+    named = next(i for i, ref in enumerate(sample.spec["refs"]) if ref["contributes"][0]["what"] == "background")
+    return int(np.argmax(likes)) == named
+
+
+def order_rows(name: str, report: EvalReport, samples: Sequence[Sample], outputs: Sequence[Image.Image]) -> list[str]:
+    """Per K group of ``report`` (an evaluation of ``compose`` ``samples`` with these ``outputs``):
+    placed-object scores by the object's place in the instruction (``compose`` lists objects in that
+    order), the background's score, the share of outputs whose background is the named picture's rather
+    than another picture's, and the share with every object ≥ 0.5. ``name`` labels the rows."""
+    groups: dict[str, list[tuple[dict, bool]]] = {}
+    for record, sample, output in zip(report.records, samples, outputs, strict=True):
+        groups.setdefault(_group(record.k), []).append((record.score.details, takes_named_background(sample, output)))
     rows = []
-    for group, details in sorted(groups.items()):
+    for group, items in sorted(groups.items()):
+        details = [d for d, _ in items]
         objects = [d["objects"] for d in details]
         by_place = [[o[j] for o in objects if len(o) > j] for j in range(2)]
         later = [v for o in objects for v in o[2:]]
         cells = [f"{np.mean(v):.3f}" if v else "–" for v in [*by_place, later]]
         every = np.mean([min(o) >= 0.5 for o in objects])
         background = np.mean([d["background"] for d in details])
-        rows.append(f"| {name} | {group} | {len(details)} | {' | '.join(cells)} | {background:.3f} | {every:.2f} |")
+        named = np.mean([taken for _, taken in items])
+        rows.append(
+            f"| {name} | {group} | {len(details)} | {' | '.join(cells)} | {background:.3f} | {named:.2f} "
+            f"| {every:.2f} |"
+        )
     return rows
 
 
@@ -152,13 +171,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         print("\n".join(scale_rows(samples, [int(b) for b in args.budgets.split(",")], args.budget, args.token_px)))
         return
     if args.report == "order":
-        print("| model | group | n | 1st object named | 2nd | 3rd and later | background | every object ≥ 0.5 |")
-        print("|---|---|---:|---:|---:|---:|---:|---:|")
+        print(
+            "| model | group | n | 1st object named | 2nd | 3rd and later | background "
+            "| background is the named picture's | every object ≥ 0.5 |"
+        )
+        print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
         for model in args.models:
-            report = evaluate(EditPipeline.from_pretrained(model), samples, progress=False)
-            print("\n".join(order_rows(model, report)), flush=True)
+            report = evaluate(EditPipeline.from_pretrained(model), samples, progress=False, keep_outputs=True)
+            print("\n".join(order_rows(model, report, samples, report.outputs)), flush=True)
         for name, report in evaluate_baselines(samples).items():
-            print("\n".join(order_rows(f"*baseline: {name}*", report)))
+            outputs = [baseline_output(name, samples, i) for i in range(len(samples))]
+            print("\n".join(order_rows(f"*baseline: {name}*", report, samples, outputs)))
         return
     if args.report == "shares":
         print("| model | group | n | object share | uniform | background share | uniform |")

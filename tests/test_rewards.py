@@ -138,3 +138,16 @@ def test_output_smaller_than_target_is_judged_at_its_own_resolution():
     r = score(half, s)
     assert r.details["analysis_sigma"] > score(s.target, s).details["analysis_sigma"]
     assert r.worst_ref >= 0.85, r
+
+
+def test_background_like_scores_an_output_against_another_pictures_background() -> None:
+    from uniref.data.splits import split_samples
+
+    sample = next(s for s in split_samples("val", 20, TaskConfig(("compose",), 4)) if s.k >= 3)
+    scorer = Scorer(sample)
+    scenes = [Scene.from_json(r["scene"]) for r in sample.spec["refs"]]
+    named = next(i for i, r in enumerate(sample.spec["refs"]) if r["contributes"][0]["what"] == "background")
+    likes = [scorer.background_like(sample.target, scene) for scene in scenes]
+    assert likes[named] == max(likes) > 0.9  # the target's background is the named picture's
+    assert likes[named] == pytest.approx(scorer(sample.target).details["background"], abs=0.05)
+    assert min(likes) < 0.5

@@ -396,13 +396,24 @@ def test_reference_reading_order_scores_every_named_object_and_the_background(
             self.seen += len(instructions)
             return SimpleNamespace(images=images)
 
-    truth = reference_reading.order_rows("truth", evaluate(Returns(lambda s: s.target), samples, progress=False))
+    truth = reference_reading.order_rows(
+        "truth", evaluate(Returns(lambda s: s.target), samples, progress=False), samples, [s.target for s in samples]
+    )
     assert {r.split("|")[2].strip() for r in truth} == {f"K = {s.k}" for s in samples}
     for row in truth:
         cells = [c.strip() for c in row.strip("|").split("|")]
-        assert all(c in ("1.000", "–") for c in cells[3:7]) and cells[7] == "1.00"
-    copy = reference_reading.order_rows("copy", evaluate(Returns(lambda s: s.refs[0]), samples, progress=False))
+        assert all(c in ("1.000", "–") for c in cells[3:7]) and cells[7] == "1.00" and cells[8] == "1.00"
+    copied = [s.refs[0] for s in samples]
+    copy = reference_reading.order_rows(
+        "copy", evaluate(Returns(lambda s: s.refs[0]), samples, progress=False), samples, copied
+    )
     assert all(float(r.strip("|").split("|")[3]) < 1 for r in copy)
+    # The named background picture returned as the output: its background is the named one's.
+    for sample in samples:
+        named = next(i for i, r in enumerate(sample.spec["refs"]) if r["contributes"][0]["what"] == "background")
+        assert reference_reading.takes_named_background(sample, sample.refs[named])
+        others = [r for i, r in enumerate(sample.refs) if i != named]
+        assert not all(reference_reading.takes_named_background(sample, r) for r in others)
     # From the command line: the model's rows, then the trivial baselines' on the same samples.
     folder = build_tiny(SMALL, seed=4).save(tmp_path / "model", target_budget=48 * 48, ref_budget=48 * 48)
     reference_reading.main(["order", str(folder), "--n", "3", "--max-refs", "3"])

@@ -378,6 +378,13 @@ class Scorer:
         mae = float(np.abs(out[self.bg_mask] - target[self.bg_mask]).mean())
         return math.exp(-mae / BG_MAE_SCALE)
 
+    def background_like(self, output: Image.Image | np.ndarray, scene: Scene) -> float:
+        """The background score of ``output`` against ``scene``'s background instead of the target's (same
+        pixels, blur and scale): which picture's background did an output take?"""
+        _, out, view = self._analyse(output)
+        other = gaussian_blur(render_array(Scene(scene.background, ()), self.size)[0] * 255.0, view.sigma)
+        return self._background_score(out, other)
+
     def _absent(self, obj: SceneObject, out: np.ndarray, target: np.ndarray) -> bool:
         rows, cols, alpha, _ = render_object(obj, self.size)
         sil = alpha > SILHOUETTE
