@@ -76,12 +76,11 @@ def budget_row(pipe: EditPipeline, samples: Sequence[Sample], budget: int) -> st
     return f"| {budget}² | {report.overall:.3f} | {cells} |"
 
 
-def takes_named_background(sample: Sample, output: Image.Image) -> bool:
-    """Whether ``output``'s background (pixels no target object covers) is closer to the named
-    background picture's than to any other picture's background."""
+def takes_named_background(sample: Sample, output: Image.Image, named: int) -> bool:
+    """Whether ``output``'s background (pixels no target object covers) is closer to the background of
+    picture ``named`` (0-based: the one the instruction names) than to any other picture's."""
     scorer = Scorer(sample)
     likes = [scorer.background_like(output, Scene.from_json(ref["scene"])) for ref in sample.spec["refs"]]
-    named = next(i for i, ref in enumerate(sample.spec["refs"]) if ref["contributes"][0]["what"] == "background")
     return int(np.argmax(likes)) == named
 
 
@@ -92,7 +91,8 @@ def order_rows(name: str, report: EvalReport, samples: Sequence[Sample], outputs
     than another picture's, and the share with every object ≥ 0.5. ``name`` labels the rows."""
     groups: dict[str, list[tuple[dict, bool]]] = {}
     for record, sample, output in zip(report.records, samples, outputs, strict=True):
-        groups.setdefault(_group(record.k), []).append((record.score.details, takes_named_background(sample, output)))
+        taken = takes_named_background(sample, output, record.roles.index("background"))
+        groups.setdefault(_group(record.k), []).append((record.score.details, taken))
     rows = []
     for group, items in sorted(groups.items()):
         details = [d for d, _ in items]

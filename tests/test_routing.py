@@ -411,9 +411,9 @@ def test_reference_reading_order_scores_every_named_object_and_the_background(
     # The named background picture returned as the output: its background is the named one's.
     for sample in samples:
         named = next(i for i, r in enumerate(sample.spec["refs"]) if r["contributes"][0]["what"] == "background")
-        assert reference_reading.takes_named_background(sample, sample.refs[named])
+        assert reference_reading.takes_named_background(sample, sample.refs[named], named)
         others = [r for i, r in enumerate(sample.refs) if i != named]
-        assert not all(reference_reading.takes_named_background(sample, r) for r in others)
+        assert not all(reference_reading.takes_named_background(sample, r, named) for r in others)
     # From the command line: the model's rows, then the trivial baselines' on the same samples.
     folder = build_tiny(SMALL, seed=4).save(tmp_path / "model", target_budget=48 * 48, ref_budget=48 * 48)
     reference_reading.main(["order", str(folder), "--n", "3", "--max-refs", "3"])
