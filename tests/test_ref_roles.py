@@ -7,6 +7,7 @@ import pytest
 import torch
 from benchmarks.grow_tiny import main, with_ref_roles
 
+from test_probe_tools import _open_gates
 from uniref.data import TaskConfig, generate, parse_tasks
 from uniref.models.tiny import TinyConfig, build_tiny, load_tiny_folder
 from uniref.models.tiny_net import reference_roles
@@ -40,12 +41,7 @@ def test_a_role_is_the_mean_of_its_pictures_binding_tokens_per_sample() -> None:
 
 
 def test_roles_start_at_zero_then_learn_and_a_sample_reads_only_its_own_roles(tmp_path: Path) -> None:
-    model = build_tiny(BOUND, seed=1)
-    with torch.no_grad():  # a trained model's gates are open: a fresh one's adaLN-zero hides everything
-        for block in model.net.blocks:
-            for stream in (block.img, block.txt):
-                stream.modulation.bias.normal_(0, 0.3)
-        model.net.out_mod.bias.normal_(0, 0.3)
+    model = _open_gates(build_tiny(BOUND, seed=1))
     grown = with_ref_roles(model)
     torch.testing.assert_close(_x0(grown, SAMPLES, [0, 1, 2])[0], _x0(model, SAMPLES, [0, 1, 2])[0])
     # The zero layer gets a gradient: fine-tuning can move it.
