@@ -16,7 +16,8 @@ K = 2 / 3 / 4 / 5+:
   its source) by where the instruction names it (1st, 2nd, 3rd and later), the background picture's
   score, how often the output's background is closer to the named picture's than to any other
   picture's, and how often every object scores ≥ 0.5: whether a model places the first object named
-  and drops the rest, and whether it takes the wrong picture's background.
+  and drops the rest, and whether it takes the wrong picture's background; then that last share by
+  K and by which picture the instruction names (1..K): whether "picture 4" is read as well as "picture 1".
 
     python -m benchmarks.reference_reading shares MODEL... [--n 64]
     python -m benchmarks.reference_reading budgets MODEL --budgets 128,192,256 [--n 64] [--tasks edit]
@@ -110,6 +111,22 @@ def order_rows(name: str, report: EvalReport, samples: Sequence[Sample], outputs
     return rows
 
 
+def named_index_rows(
+    name: str, report: EvalReport, samples: Sequence[Sample], outputs: Sequence[Image.Image], max_refs: int
+) -> list[str]:
+    """Per K, the share of outputs that take the named picture's background, split by which picture
+    (1..``max_refs``) the instruction names, each cell as ``share (n)``."""
+    cells: dict[int, dict[int, list[bool]]] = {}
+    for record, sample, output in zip(report.records, samples, outputs, strict=True):
+        named = record.roles.index("background")
+        cells.setdefault(record.k, {}).setdefault(named, []).append(takes_named_background(sample, output, named))
+    rows = []
+    for k, by_named in sorted(cells.items()):
+        row = [f"{np.mean(v):.2f} ({len(v)})" if (v := by_named.get(i)) else "–" for i in range(max_refs)]
+        rows.append(f"| {name} | K = {k} | {' | '.join(row)} |")
+    return rows
+
+
 def object_widths(sample: Sample, ref_budget: int, out_budget: int, token_px: int) -> list[tuple[float, float]]:
     """(width in its source reference, width in the output), in tokens, of each placed object.
 
@@ -176,12 +193,18 @@ def main(argv: Sequence[str] | None = None) -> None:
             "| background is the named picture's | every object ≥ 0.5 |"
         )
         print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+        named: list[str] = []
         for model in args.models:
             report = evaluate(EditPipeline.from_pretrained(model), samples, progress=False, keep_outputs=True)
             print("\n".join(order_rows(model, report, samples, report.outputs)), flush=True)
+            named += named_index_rows(model, report, samples, report.outputs, args.max_refs)
         for name, report in evaluate_baselines(samples).items():
             outputs = [baseline_output(name, samples, i) for i in range(len(samples))]
             print("\n".join(order_rows(f"*baseline: {name}*", report, samples, outputs)))
+            named += named_index_rows(f"*baseline: {name}*", report, samples, outputs, args.max_refs)
+        pictures = [f"picture {i + 1} named" for i in range(args.max_refs)]
+        print(f"\n| model | K | {' | '.join(pictures)} |\n|---|---|{'---:|' * args.max_refs}")
+        print("\n".join(named))
         return
     if args.report == "shares":
         print("| model | group | n | object share | uniform | background share | uniform |")

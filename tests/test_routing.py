@@ -419,3 +419,14 @@ def test_reference_reading_order_scores_every_named_object_and_the_background(
     reference_reading.main(["order", str(folder), "--n", "3", "--max-refs", "3"])
     out = capsys.readouterr().out
     assert f"| {folder} | K = " in out and "| *baseline: copy_first* | K = " in out and "| *baseline: grey* |" in out
+    assert "| picture 1 named | picture 2 named | picture 3 named |" in out
+    # By named picture: the truth takes it every time, in cells that count every sample once.
+    by_named = reference_reading.named_index_rows(
+        "truth", evaluate(Returns(lambda s: s.target), samples, progress=False), samples, [s.target for s in samples], 4
+    )
+    counted = 0
+    for row in by_named:
+        cells = [c.strip() for c in row.strip("|").split("|")][2:]
+        assert len(cells) == 4 and all(c == "–" or c.startswith("1.00 (") for c in cells)
+        counted += sum(int(c.split("(")[1].rstrip(")")) for c in cells if c != "–")
+    assert counted == len(samples)

@@ -7,8 +7,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from uniref.budget import Size
+from uniref.data.scenes import Scene, render
 from uniref.data.tasks import (
     COMPOSE_TASKS,
+    DRILL_TASKS,
     EDIT_TASKS,
     MIN_REFS,
     ORDINALS,
@@ -60,6 +62,29 @@ def test_compositions_name_and_use_every_reference():
         for i, ref in enumerate(s.spec["refs"]):
             assert ref["contributes"], f"picture {i + 1} contributes nothing"
             assert i in _mentioned(s.instruction), s.instruction
+
+
+def test_pick_drill_targets_the_named_pictures_background_without_its_objects():
+    ks, named_at = set(), set()
+    for seed in range(40):
+        s = generate(seed, TaskConfig(tasks=("pick",), max_refs=6))
+        (named,) = _mentioned(s.instruction)
+        assert unknown_words(s.instruction) == [] and "background" in s.instruction
+        refs = s.spec["refs"]
+        assert [bool(r["contributes"]) for r in refs] == [i == named for i in range(len(refs))]
+        assert all(Scene.from_json(r["scene"]).objects for r in refs), "a picture without objects gives it away"
+        picked = Scene.from_json(refs[named]["scene"])
+        assert s.target.size == s.refs[named].size
+        assert _same(s.target, render(Scene(picked.background, ()), Size(*s.target.size)))
+        assert s.spec["checks"] == [{"kind": "background"}] and s.spec["objects"] == []
+        ks.add(s.k)
+        named_at.add(named)
+    assert ks == {2, 3, 4, 5, 6} and named_at == set(range(6))
+
+
+def test_the_drill_is_in_no_family_so_evaluation_sets_do_not_change():
+    assert all(t not in parse_tasks("edit,compose") for t in DRILL_TASKS)
+    assert "pick" not in TaskConfig().tasks
 
 
 def test_references_have_different_sizes_within_the_range():

@@ -14,6 +14,11 @@ Compositions (K >= 2):
   * ``conflict``: 2-3 large objects in overlapping slots, later pictures in front (K >= 3): each
     object occludes part of another, so being faithful to one reference costs another.
 
+A drill, for training only (no evaluation family holds it, so the val and test sets stay as they are):
+  * ``pick``: "take the background of picture N" among K = 2.. pictures that all hold objects: the
+    target is that picture's background with its objects gone. It trains reading "picture N" at every
+    K with no object to draw, the skill a composition loses first from K = 4 (docs/ablations.md).
+
 The spec (JSON) of a sample::
 
     {"version": 1, "task": str, "seed": int,
@@ -31,6 +36,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -55,8 +61,9 @@ from uniref.data.scenes import (
 SPEC_VERSION = 1
 EDIT_TASKS = ("recolour", "move", "resize", "remove", "add", "background", "repattern")
 COMPOSE_TASKS = ("compose", "transfer", "conflict")
+DRILL_TASKS = ("pick",)
 TASK_FAMILIES = {"edit": EDIT_TASKS, "compose": COMPOSE_TASKS}
-MIN_REFS = {**dict.fromkeys(EDIT_TASKS, 1), "compose": 2, "transfer": 3, "conflict": 3}
+MIN_REFS = {**dict.fromkeys(EDIT_TASKS, 1), "compose": 2, "transfer": 3, "conflict": 3, "pick": 2}
 MAX_REFS = 10  # 9 placed objects (one per palette colour and per 3x3 slot) + 1 background
 MAX_CONFLICT_OBJECTS = 3
 
@@ -341,6 +348,37 @@ def _object_ref(rng: np.random.Generator, obj: SceneObject, cfg: TaskConfig) -> 
     return Scene(_random_background(rng), tuple(placed[j] for j in order)), size, placed[0]
 
 
+def _background_picture(rng: np.random.Generator, always_objects: bool = False) -> Scene:
+    """A background, with some objects on it (with DISTRACTOR_PROB unless ``always_objects``) that a
+    copy of the background drops."""
+    background = _random_background(rng)
+    if not always_objects and rng.random() >= DISTRACTOR_PROB:
+        return Scene(background, ())
+    n = int(rng.integers(1, MAX_DISTRACTORS + 1))
+    colours = [str(c) for c in rng.choice(list(OBJECT_COLOURS), size=n, replace=False)]
+    return Scene(background, tuple(_random_object(rng, c, str(_pick(rng, SHAPES))) for c in colours))
+
+
+def _pick_background(rng: np.random.Generator, k: int, cfg: TaskConfig) -> tuple[str, list, Size, Scene, dict]:
+    """The ``pick`` drill: every picture shows objects on a background; the named one's background alone
+    is the target, at that picture's size. Every picture holds objects, so "the one without objects" is
+    no shortcut to the named one."""
+    named = int(rng.integers(k))
+    refs: list[Any] = []
+    for i in range(k):
+        if i == named:
+            refs.append((_background_picture(rng, always_objects=True), _random_size(rng, cfg.size_range),
+                         [{"what": "background"}]))  # fmt: skip
+        else:
+            colour, shape = str(_pick(rng, list(OBJECT_COLOURS))), str(_pick(rng, SHAPES))
+            scene, size, _ = _object_ref(rng, _random_object(rng, colour, shape), cfg)
+            refs.append((scene, size, []))
+    bg_scene, canvas, _ = refs[named]
+    verb = _pick(rng, ("take the background of", "take the background from"))
+    text = f"{verb} {_ref_phrase(rng, named)}"
+    return text, refs, canvas, Scene(bg_scene.background, ()), {"slots": [], "checks": [{"kind": "background"}]}
+
+
 def _compose(rng: np.random.Generator, task: str, k: int, cfg: TaskConfig) -> tuple[str, list, Size, Scene, dict]:
     n_donor = 1 if task == "transfer" else 0
     n = k - 1 - n_donor
@@ -373,15 +411,7 @@ def _compose(rng: np.random.Generator, task: str, k: int, cfg: TaskConfig) -> tu
         # Later pictures are painted in front: sort objects by their picture index.
         order = np.argsort(obj_index)
         obj_index, slots, bases = [obj_index[j] for j in order], [slots[j] for j in order], [bases[j] for j in order]
-    bg_ref_scene = Scene(_random_background(rng), ())
-    if rng.random() < DISTRACTOR_PROB:  # objects in the background picture must not be copied
-        extra = [
-            str(c)
-            for c in rng.choice(list(OBJECT_COLOURS), size=int(rng.integers(1, MAX_DISTRACTORS + 1)), replace=False)
-        ]
-        bg_ref_scene = Scene(
-            bg_ref_scene.background, tuple(_random_object(rng, c, str(_pick(rng, SHAPES))) for c in extra)
-        )
+    bg_ref_scene = _background_picture(rng)
     refs: list[Any] = [None] * k
     refs[bg_index] = (bg_ref_scene, canvas, [{"what": "background"}])
     phrases = []
@@ -438,7 +468,8 @@ def generate(seed: int, config: TaskConfig | None = None) -> Sample:
     else:
         hi = min(cfg.max_refs, MIN_REFS[task] + MAX_CONFLICT_OBJECTS - 2 if task == "conflict" else cfg.max_refs)
         k = int(rng.integers(MIN_REFS[task], hi + 1))
-        text, refs, canvas, target, extra = _compose(rng, task, k, cfg)
+        compose = _pick_background if task == "pick" else partial(_compose, task=task)
+        text, refs, canvas, target, extra = compose(rng, k=k, cfg=cfg)
     checks = [_jsonable_check(c) for c in extra["checks"]]
     spec = {
         "version": SPEC_VERSION,
