@@ -183,3 +183,21 @@ def test_train_speed_times_each_width_and_gives_ratios_to_the_first(capsys) -> N
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "width" not in line]
     assert [r.split("|")[1].strip() for r in rows] == ["32", "64"]
     assert float(rows[0].split("|")[5]) == 1.0 and float(rows[1].split("|")[4]) > 0
+
+
+def test_quickstart_variants_ask_the_same_scene_in_known_words_with_every_picture_named() -> None:
+    import re
+
+    from benchmarks.quickstart_figure import EXAMPLES, INSTRUCTION, VARIANTS
+
+    from uniref.data.vocab import unknown_words
+
+    assert VARIANTS[0] == (INSTRUCTION, EXAMPLES)
+    for instruction, names in VARIANTS:
+        assert unknown_words(instruction) == [], instruction
+        named = {int(n) for n in re.findall(r"picture (\d+)", instruction)}
+        assert named == set(range(1, len(names) + 1)), instruction
+        # Each object is asked from the picture that shows it.
+        for colour, example in (("red circle", "red_circle"), ("blue square", "blue_square")):
+            if (found := re.search(rf"{colour} from picture (\d+)", instruction)) is not None:
+                assert names[int(found.group(1)) - 1] == example, instruction
