@@ -17,17 +17,21 @@ K = 2 / 3 / 4 / 5+:
   score, how often the output's background is closer to the named picture's than to any other
   picture's, and how often every object scores ≥ 0.5: whether a model places the first object named
   and drops the rest, and whether it takes the wrong picture's background; then that last share by
-  K and by which picture the instruction names (1..K): whether "picture 4" is read as well as "picture 1".
+  K and by which picture the instruction names (1..K): whether "picture 4" is read as well as "picture 1";
+  then the placed objects' scores split by how the instruction names them: "the object from picture
+  N" (only the picture's number tells which) against a description ("the star", "the red shape"):
+  whether a model finds a reference by its number or by matching words to what it shows.
 
     python -m benchmarks.reference_reading shares MODEL... [--n 64]
     python -m benchmarks.reference_reading budgets MODEL --budgets 128,192,256 [--n 64] [--tasks edit]
     python -m benchmarks.reference_reading scales --budgets 128,176 [--n 600]
-    python -m benchmarks.reference_reading order MODEL... [--n 64]
+    python -m benchmarks.reference_reading order MODEL... [--n 64] [--tasks pick]
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -101,7 +105,7 @@ def order_rows(name: str, report: EvalReport, samples: Sequence[Sample], outputs
         by_place = [[o[j] for o in objects if len(o) > j] for j in range(2)]
         later = [v for o in objects for v in o[2:]]
         cells = [f"{np.mean(v):.3f}" if v else "–" for v in [*by_place, later]]
-        every = np.mean([min(o) >= 0.5 for o in objects])
+        every = np.mean([all(v >= 0.5 for v in o) for o in objects])
         background = np.mean([d["background"] for d in details])
         named = np.mean([taken for _, taken in items])
         rows.append(
@@ -124,6 +128,34 @@ def named_index_rows(
     for k, by_named in sorted(cells.items()):
         row = [f"{np.mean(v):.2f} ({len(v)})" if (v := by_named.get(i)) else "–" for i in range(max_refs)]
         rows.append(f"| {name} | K = {k} | {' | '.join(row)} |")
+    return rows
+
+
+# "<the desc> from <picture N>": a compose phrase's description is one or two words after "the".
+_OBJECT_PHRASE = re.compile(r"\bthe ((?:[a-z]+ )?[a-z]+) from (?:picture \d+|image \d+|the [a-z]+ (?:picture|image))")
+
+
+def object_phrases(instruction: str, n: int) -> list[str]:
+    """The descriptions the first ``n`` placed objects of a ``compose`` instruction are named by, in
+    order ("object" when only the picture's number tells which)."""
+    found = [m.group(1) for m in _OBJECT_PHRASE.finditer(instruction)]
+    if len(found) < n:
+        raise ValueError(f"{instruction!r}: found {len(found)} object phrases, expected {n}")
+    return found[:n]
+
+
+def naming_rows(name: str, report: EvalReport, samples: Sequence[Sample]) -> list[str]:
+    """Per K group, the mean placed-object score when the instruction names the object only by its
+    picture ("the object from picture N") and when it describes it, each with its count."""
+    groups: dict[str, dict[bool, list[float]]] = {}
+    for record, sample in zip(report.records, samples, strict=True):
+        scores = record.score.details["objects"]
+        for phrase, score in zip(object_phrases(sample.instruction, len(scores)), scores, strict=False):
+            groups.setdefault(_group(record.k), {}).setdefault(phrase == "object", []).append(score)
+    rows = []
+    for group, split in sorted(groups.items()):
+        cells = [f"{np.mean(v):.3f} ({len(v)})" if (v := split.get(only)) else "–" for only in (True, False)]
+        rows.append(f"| {name} | {group} | {' | '.join(cells)} |")
     return rows
 
 
@@ -168,7 +200,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("models", nargs="*", help="`tiny` or tiny model folders (not for `scales`)")
     parser.add_argument("--n", type=int, default=64, help="validation compositions")
     parser.add_argument("--max-refs", type=int, default=6)
-    parser.add_argument("--tasks", default="compose", help="`budgets`: task family or names (`edit`: K = 1)")
+    parser.add_argument(
+        "--tasks",
+        default="compose",
+        help="`budgets`: task family or names (`edit`: K = 1); `order`: tasks with a background picture "
+        "(`compose`, or the `pick` drill to see whether the drill itself was learned)",
+    )
     parser.add_argument(
         "--budget", type=int, default=128, help="`shares`: reference and output budget side; `scales`: output"
     )
@@ -177,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if (args.report == "scales") == bool(args.models):
         parser.error("`scales` takes no model; `shares` and `budgets` need at least one")
-    tasks = parse_tasks(args.tasks if args.report == "budgets" else "compose")
+    tasks = parse_tasks(args.tasks if args.report in ("budgets", "order") else "compose")
     samples = split_samples("val", args.n, TaskConfig(tasks, args.max_refs, SizeRange(48, 160)))
     if args.report == "scales":
         out = f"in the output ({args.budget}²)"
@@ -194,17 +231,23 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
         print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
         named: list[str] = []
+        naming: list[str] = []
         for model in args.models:
             report = evaluate(EditPipeline.from_pretrained(model), samples, progress=False, keep_outputs=True)
             print("\n".join(order_rows(model, report, samples, report.outputs)), flush=True)
             named += named_index_rows(model, report, samples, report.outputs, args.max_refs)
+            naming += naming_rows(model, report, samples) if "pick" not in tasks else []
         for name, report in evaluate_baselines(samples).items():
             outputs = [baseline_output(name, samples, i) for i in range(len(samples))]
             print("\n".join(order_rows(f"*baseline: {name}*", report, samples, outputs)))
             named += named_index_rows(f"*baseline: {name}*", report, samples, outputs, args.max_refs)
+            naming += naming_rows(f"*baseline: {name}*", report, samples) if "pick" not in tasks else []
         pictures = [f"picture {i + 1} named" for i in range(args.max_refs)]
         print(f"\n| model | K | {' | '.join(pictures)} |\n|---|---|{'---:|' * args.max_refs}")
         print("\n".join(named))
+        if naming:
+            print('\n| model | group | object named only by its picture ("the object from picture N") | described |')
+            print("|---|---|---:|---:|\n" + "\n".join(naming))
         return
     if args.report == "shares":
         print("| model | group | n | object share | uniform | background share | uniform |")

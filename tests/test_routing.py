@@ -430,3 +430,26 @@ def test_reference_reading_order_scores_every_named_object_and_the_background(
         assert len(cells) == 4 and all(c == "–" or c.startswith("1.00 (") for c in cells)
         counted += sum(int(c.split("(")[1].rstrip(")")) for c in cells if c != "–")
     assert counted == len(samples)
+    # By how objects are named: the truth scores 1 whichever way, and every placed object is counted once.
+    naming = reference_reading.naming_rows(
+        "truth", evaluate(Returns(lambda s: s.target), samples, progress=False), samples
+    )
+    placed = sum(len(s.spec["objects"]) for s in samples)
+    seen = 0
+    for row in naming:
+        cells = [c.strip() for c in row.strip("|").split("|")][2:]
+        assert all(c == "–" or c.startswith("1.000 (") for c in cells)
+        seen += sum(int(c.split("(")[1].rstrip(")")) for c in cells if c != "–")
+    assert seen == placed
+
+
+def test_object_phrases_read_each_placed_objects_description_in_order() -> None:
+    from benchmarks.reference_reading import object_phrases
+
+    text = (
+        "arrange the object from the first image at the top and the red star from image 3 at the bottom "
+        "onto the background of image 2, then give the star from image 3 the colour of the ring in picture 4"
+    )
+    assert object_phrases(text, 2) == ["object", "red star"]  # the recipient named after them is not one
+    with pytest.raises(ValueError, match="expected 2"):
+        object_phrases("put the red star from picture 2 on the left on the background of picture 1", 2)
