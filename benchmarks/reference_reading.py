@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import argparse
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 from PIL import Image
@@ -81,6 +81,18 @@ def budget_row(pipe: EditPipeline, samples: Sequence[Sample], budget: int) -> st
     return f"| {budget}² | {report.overall:.3f} | {cells} |"
 
 
+def contestants(
+    models: Sequence[str], samples: Sequence[Sample]
+) -> Iterator[tuple[str, EvalReport, Sequence[Image.Image]]]:
+    """Each model's evaluation of ``samples`` with its outputs, then each trivial baseline's, as
+    (row label, report, outputs)."""
+    for model in models:
+        report = evaluate(EditPipeline.from_pretrained(model), samples, progress=False, keep_outputs=True)
+        yield model, report, report.outputs
+    for name, report in evaluate_baselines(samples).items():
+        yield f"*baseline: {name}*", report, [baseline_output(name, samples, i) for i in range(len(samples))]
+
+
 def takes_named_background(sample: Sample, output: Image.Image, named: int) -> bool:
     """Whether ``output``'s background (pixels no target object covers) is closer to the background of
     picture ``named`` (0-based: the one the instruction names) than to any other picture's."""
@@ -89,15 +101,23 @@ def takes_named_background(sample: Sample, output: Image.Image, named: int) -> b
     return int(np.argmax(likes)) == named
 
 
-def order_rows(name: str, report: EvalReport, samples: Sequence[Sample], outputs: Sequence[Image.Image]) -> list[str]:
-    """Per K group of ``report`` (an evaluation of ``compose`` ``samples`` with these ``outputs``):
+def named_taken(report: EvalReport, samples: Sequence[Sample], outputs: Sequence[Image.Image]) -> list[bool]:
+    """Per sample of ``report`` (an evaluation of ``samples`` with these ``outputs``): whether its output
+    takes the background of the picture the instruction names."""
+    return [
+        takes_named_background(sample, output, record.roles.index("background"))
+        for record, sample, output in zip(report.records, samples, outputs, strict=True)
+    ]
+
+
+def order_rows(name: str, report: EvalReport, taken: Sequence[bool]) -> list[str]:
+    """Per K group of ``report`` (an evaluation of ``compose`` samples; ``taken`` from :func:`named_taken`):
     placed-object scores by the object's place in the instruction (``compose`` lists objects in that
     order), the background's score, the share of outputs whose background is the named picture's rather
     than another picture's, and the share with every object ≥ 0.5. ``name`` labels the rows."""
     groups: dict[str, list[tuple[dict, bool]]] = {}
-    for record, sample, output in zip(report.records, samples, outputs, strict=True):
-        taken = takes_named_background(sample, output, record.roles.index("background"))
-        groups.setdefault(_group(record.k), []).append((record.score.details, taken))
+    for record, took in zip(report.records, taken, strict=True):
+        groups.setdefault(_group(record.k), []).append((record.score.details, took))
     rows = []
     for group, items in sorted(groups.items()):
         details = [d for d, _ in items]
@@ -107,7 +127,7 @@ def order_rows(name: str, report: EvalReport, samples: Sequence[Sample], outputs
         cells = [f"{np.mean(v):.3f}" if v else "–" for v in [*by_place, later]]
         every = np.mean([all(v >= 0.5 for v in o) for o in objects])
         background = np.mean([d["background"] for d in details])
-        named = np.mean([taken for _, taken in items])
+        named = np.mean([took for _, took in items])
         rows.append(
             f"| {name} | {group} | {len(details)} | {' | '.join(cells)} | {background:.3f} | {named:.2f} "
             f"| {every:.2f} |"
@@ -115,15 +135,12 @@ def order_rows(name: str, report: EvalReport, samples: Sequence[Sample], outputs
     return rows
 
 
-def named_index_rows(
-    name: str, report: EvalReport, samples: Sequence[Sample], outputs: Sequence[Image.Image], max_refs: int
-) -> list[str]:
-    """Per K, the share of outputs that take the named picture's background, split by which picture
-    (1..``max_refs``) the instruction names, each cell as ``share (n)``."""
+def named_index_rows(name: str, report: EvalReport, taken: Sequence[bool], max_refs: int) -> list[str]:
+    """Per K, the share of outputs that take the named picture's background (``taken``), split by which
+    picture (1..``max_refs``) the instruction names, each cell as ``share (n)``."""
     cells: dict[int, dict[int, list[bool]]] = {}
-    for record, sample, output in zip(report.records, samples, outputs, strict=True):
-        named = record.roles.index("background")
-        cells.setdefault(record.k, {}).setdefault(named, []).append(takes_named_background(sample, output, named))
+    for record, took in zip(report.records, taken, strict=True):
+        cells.setdefault(record.k, {}).setdefault(record.roles.index("background"), []).append(took)
     rows = []
     for k, by_named in sorted(cells.items()):
         row = [f"{np.mean(v):.2f} ({len(v)})" if (v := by_named.get(i)) else "–" for i in range(max_refs)]
@@ -230,18 +247,14 @@ def main(argv: Sequence[str] | None = None) -> None:
             "| background is the named picture's | every object ≥ 0.5 |"
         )
         print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+
         named: list[str] = []
-        naming: list[str] = []
-        for model in args.models:
-            report = evaluate(EditPipeline.from_pretrained(model), samples, progress=False, keep_outputs=True)
-            print("\n".join(order_rows(model, report, samples, report.outputs)), flush=True)
-            named += named_index_rows(model, report, samples, report.outputs, args.max_refs)
-            naming += naming_rows(model, report, samples) if "pick" not in tasks else []
-        for name, report in evaluate_baselines(samples).items():
-            outputs = [baseline_output(name, samples, i) for i in range(len(samples))]
-            print("\n".join(order_rows(f"*baseline: {name}*", report, samples, outputs)))
-            named += named_index_rows(f"*baseline: {name}*", report, samples, outputs, args.max_refs)
-            naming += naming_rows(f"*baseline: {name}*", report, samples) if "pick" not in tasks else []
+        naming: list[str] = []  # stays empty for the `pick` drill, which places no object
+        for name, report, outputs in contestants(args.models, samples):
+            taken = named_taken(report, samples, outputs)
+            print("\n".join(order_rows(name, report, taken)), flush=True)
+            named += named_index_rows(name, report, taken, args.max_refs)
+            naming += naming_rows(name, report, samples)
         pictures = [f"picture {i + 1} named" for i in range(args.max_refs)]
         print(f"\n| model | K | {' | '.join(pictures)} |\n|---|---|{'---:|' * args.max_refs}")
         print("\n".join(named))

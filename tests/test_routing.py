@@ -396,17 +396,17 @@ def test_reference_reading_order_scores_every_named_object_and_the_background(
             self.seen += len(instructions)
             return SimpleNamespace(images=images)
 
-    truth = reference_reading.order_rows(
-        "truth", evaluate(Returns(lambda s: s.target), samples, progress=False), samples, [s.target for s in samples]
-    )
+    truth_report = evaluate(Returns(lambda s: s.target), samples, progress=False)
+    truth_taken = reference_reading.named_taken(truth_report, samples, [s.target for s in samples])
+    truth = reference_reading.order_rows("truth", truth_report, truth_taken)
     assert {r.split("|")[2].strip() for r in truth} == {f"K = {s.k}" for s in samples}
     for row in truth:
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert all(c in ("1.000", "–") for c in cells[3:7]) and cells[7] == "1.00" and cells[8] == "1.00"
     copied = [s.refs[0] for s in samples]
-    copy = reference_reading.order_rows(
-        "copy", evaluate(Returns(lambda s: s.refs[0]), samples, progress=False), samples, copied
-    )
+    copy_report = evaluate(Returns(lambda s: s.refs[0]), samples, progress=False)
+    copy_taken = reference_reading.named_taken(copy_report, samples, copied)
+    copy = reference_reading.order_rows("copy", copy_report, copy_taken)
     assert all(float(r.strip("|").split("|")[3]) < 1 for r in copy)
     # The named background picture returned as the output: its background is the named one's.
     for sample in samples:
@@ -421,9 +421,7 @@ def test_reference_reading_order_scores_every_named_object_and_the_background(
     assert f"| {folder} | K = " in out and "| *baseline: copy_first* | K = " in out and "| *baseline: grey* |" in out
     assert "| picture 1 named | picture 2 named | picture 3 named |" in out
     # By named picture: the truth takes it every time, in cells that count every sample once.
-    by_named = reference_reading.named_index_rows(
-        "truth", evaluate(Returns(lambda s: s.target), samples, progress=False), samples, [s.target for s in samples], 4
-    )
+    by_named = reference_reading.named_index_rows("truth", truth_report, truth_taken, 4)
     counted = 0
     for row in by_named:
         cells = [c.strip() for c in row.strip("|").split("|")][2:]
@@ -431,9 +429,7 @@ def test_reference_reading_order_scores_every_named_object_and_the_background(
         counted += sum(int(c.split("(")[1].rstrip(")")) for c in cells if c != "–")
     assert counted == len(samples)
     # By how objects are named: the truth scores 1 whichever way, and every placed object is counted once.
-    naming = reference_reading.naming_rows(
-        "truth", evaluate(Returns(lambda s: s.target), samples, progress=False), samples
-    )
+    naming = reference_reading.naming_rows("truth", truth_report, samples)
     placed = sum(len(s.spec["objects"]) for s in samples)
     seen = 0
     for row in naming:
